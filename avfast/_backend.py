@@ -1,0 +1,82 @@
+"""Backend selection for avfast ops: cuda (avfast._C) -> triton -> reference.
+
+The choice is made inside each op at call time from the tensors' device and dtype.
+``AVFAST_BACKEND=cuda|triton|reference`` forces one; a forced backend that cannot run
+raises and says why, while the automatic choice falls back silently.
+
+- ``cuda``: the CUDA C++ kernels in avfast._C. On CPU tensors (only when forced) the
+  same kernel code runs serially on the host, which is how CI tests it without a GPU.
+- ``triton``: the Triton kernels; on CPU tensors (only when forced) through the Triton
+  interpreter, which needs ``TRITON_INTERPRET=1`` set before triton is imported.
+- ``reference``: plain PyTorch (avfast.reference); serves every device and float64.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from avfast.kernels.triton import has_triton
+
+BACKENDS = ("cuda", "triton", "reference")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+try:
+    from avfast import _C  # noqa: F401  (registers torch.ops.avfast_C)
+
+    _C_ERROR = None
+except ImportError as err:  # not built, or built against another torch
+    _C = None
+    _C_ERROR = f"avfast._C not importable ({err})"
+    logging.getLogger("avfast").info("CUDA C++ kernels unavailable: %s", _C_ERROR)
+
+
+def _has_c_op(op: str) -> bool:
+    return _C is not None and hasattr(torch.ops.avfast_C, f"{op}_fwd")
+
+
+def unavailable_reason(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why ``backend`` cannot run ``op`` on (device, dtype); None when it can."""
+    if backend == "reference":
+        return None
+    if dtype not in KERNEL_DTYPES:
+        return f"{backend} kernels take float32/float16/bfloat16, got {dtype} (use the reference)"
+    if backend == "cuda":
+        if _C is None:
+            return _C_ERROR
+        if not _has_c_op(op):
+            return f"avfast._C has no kernel for {op}"
+        if device.type == "cuda" and not _C.built_with_cuda():
+            return "avfast._C was built without CUDA"
+        if device.type not in ("cuda", "cpu"):
+            return f"no cuda kernel for device {device}"
+        return None
+    if backend == "triton":
+        if not has_triton():
+            return "triton is not installed"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu":
+            if os.environ.get("TRITON_INTERPRET") != "1":
+                return "triton runs on CPU tensors only with TRITON_INTERPRET=1"
+            return None
+        return f"no triton kernel for device {device}"
+    raise ValueError(f"AVFAST_BACKEND must be one of {BACKENDS}, got {backend!r}")
+
+
+def select(op: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Backend name for ``op`` on tensors of (device, dtype)."""
+    forced = os.environ.get("AVFAST_BACKEND")
+    if forced:
+        reason = unavailable_reason(forced, op, device, dtype)
+        if reason is not None:
+            raise RuntimeError(f"{op}: AVFAST_BACKEND={forced} cannot run on {device} {dtype}: {reason}")
+        return forced
+    if device.type != "cuda":
+        return "reference"
+    for backend in BACKENDS:
+        if unavailable_reason(backend, op, device, dtype) is None:
+            return backend
+    return "reference"

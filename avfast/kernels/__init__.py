@@ -1,0 +1,1 @@
+"""Kernels: Triton in ``avfast.kernels.triton`` (CUDA C++ lives in csrc/, built as avfast._C)."""

@@ -1,0 +1,1 @@
+"""Plain-PyTorch references: the oracle for every kernel, and the CPU path."""
