@@ -161,10 +161,7 @@ def _av_pair_attention_backward(
 @_av_pair_attention_backward.register_fake
 def _(dout, q, k_a, v_a, k_v, v_v, key_padding_mask_a, key_padding_mask_v, o_half, lse, scale):
     H, Dv = v_a.shape[2], v_a.shape[3]
-    return (
-        torch.empty_like(q), torch.empty_like(k_a), torch.empty_like(v_a),
-        torch.empty_like(k_v), torch.empty_like(v_v), q.new_empty(H, Dv),
-    )
+    return (*(t.new_empty(t.shape) for t in (q, k_a, v_a, k_v, v_v)), q.new_empty(H, Dv))
 
 
 def _setup_context(ctx, inputs, output):

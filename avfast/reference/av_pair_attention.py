@@ -135,7 +135,7 @@ def av_pair_attention_fwd(
     out = o_half.sum(dim=3)
     if v_bias is not None:
         out = out + v_bias.to(acc) * valid[..., None]
-    return out.to(q.dtype), o_half, lse
+    return out.to(q.dtype).contiguous(), o_half.contiguous(), lse.contiguous()
 
 
 def av_pair_attention_bwd(
@@ -151,7 +151,7 @@ def av_pair_attention_bwd(
     lse: Tensor,
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Backward of the backend contract; gradients of q, k_a, v_a, k_v, v_v in their dtypes.
+    """Backward of the backend contract; contiguous gradients of q, k_a, v_a, k_v, v_v.
 
     Per half, with P = exp(scale q k^T - lse) and delta = rowsum(dout * o_half):
     dV = P^T dout, dS = P * (dout V^T - delta), dQ += scale dS K, dK = scale dS^T Q.
@@ -169,9 +169,9 @@ def av_pair_attention_bwd(
         dp = torch.einsum("bfhd,bnhd->bhfn", do, vf)
         ds = p * (dp - delta[..., None])
         dq += torch.einsum("bhfn,bnhd->bfhd", ds, kf) * scale
-        grads.append((torch.einsum("bhfn,bfhd->bnhd", ds, qf) * scale).to(k.dtype))
-        grads.append(torch.einsum("bhfn,bfhd->bnhd", p, do).to(v.dtype))
-    return (dq.to(q.dtype), *grads)
+        grads.append((torch.einsum("bhfn,bfhd->bnhd", ds, qf) * scale).to(k.dtype).contiguous())
+        grads.append(torch.einsum("bhfn,bfhd->bnhd", p, do).to(v.dtype).contiguous())
+    return (dq.to(q.dtype).contiguous(), *grads)
 
 
 def pair_attention_map(
