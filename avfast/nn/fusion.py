@@ -238,6 +238,7 @@ class DenseAVFusionBlock(_FusionBlock):
     def from_upstream(cls, module: nn.Module, num_heads: int | None = None, **kwargs) -> DenseAVFusionBlock:
         """Builds ours from an instance of upstream's dense block class (same weights,
         device and dtype). num_heads defaults to ``module.attn.num_heads``."""
+        _require_upstream_shape(module)
         dim = module.norm1_mm.weight.shape[0]
         block = cls(
             dim, _upstream_heads(module, num_heads),
@@ -286,6 +287,7 @@ class FactorizedAVFusionBlock(_FusionBlock):
     ) -> FactorizedAVFusionBlock:
         """Builds ours from an instance of upstream's factorized block class. num_heads
         and num_fusion_tkns default to the module's attributes of those names."""
+        _require_upstream_shape(module)
         dim = module.norm1_mm.weight.shape[0]
         tkns = num_fusion_tkns or getattr(module, "num_fusion_tkns", None) or getattr(
             module.attn, "num_fusion_tkns", None
@@ -300,6 +302,17 @@ class FactorizedAVFusionBlock(_FusionBlock):
             norm_eps=module.norm1_mm.eps, **kwargs,
         )
         return _load_like(block, module)
+
+
+def _require_upstream_shape(module: nn.Module) -> None:
+    for name in ("norm1_mm", "attn.q", "mlp.fc1"):
+        try:
+            module.get_submodule(name)
+        except AttributeError:
+            raise TypeError(
+                f"from_upstream: module has no '{name}'; expected an instance of upstream's fusion block "
+                f"class, got {type(module).__name__}"
+            ) from None
 
 
 def _upstream_heads(module: nn.Module, num_heads: int | None) -> int:
