@@ -2,4 +2,6 @@
 
 from avfast.ops.av_pair_attention import av_pair_attention, pair_attention_map
 
-__all__ = ["av_pair_attention", "pair_attention_map"]
+OPS = ("av_pair_attention",)  # op families with kernels, as named in avfast._backend
+
+__all__ = ["OPS", "av_pair_attention", "pair_attention_map"]

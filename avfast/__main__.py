@@ -1,0 +1,5 @@
+import sys
+
+from avfast.cli import main
+
+sys.exit(main())
