@@ -173,6 +173,21 @@ def test_triton_key_splits_match_contract(device, num_splits):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), f"seed {seed}: {name}"
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_automatic_backend_and_key_splits(dtype):
+    """B*H = 2 programs: the automatic choice splits the keys over programs."""
+    seed = fresh_seed()
+    inputs, extra = make_inputs((1, 16, 2, 16, 64, 300, 500), dtype, "cuda", strided=True, masks=False)
+    inputs64, extra64 = as_float64(inputs, extra)
+    expected = "cuda" if backend_reason("cuda", "cuda", dtype) is None else "triton"
+    assert _backend.select(OP, torch.device("cuda"), dtype) == expected
+    out = av_pair_attention(*inputs, **extra)
+    exact = ref.av_pair_attention_literal(*inputs64, **extra64)
+    tol = tolerance(ref.av_pair_attention_literal(*inputs, **extra), exact, dtype)
+    assert max_err(out, exact) <= tol, f"seed {seed}"
+
+
 def test_two_attention_form_equals_literal_float64():
     seed = fresh_seed()
     inputs, extra = make_inputs((2, 5, 3, 8, 12, 9, 13), torch.float64, "cpu", strided=True, masks=True)
@@ -194,21 +209,23 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(fn, args)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck(backend, dtype):
-    skip_unless_available(backend, "cpu", dtype)
+def test_opcheck(backend, device, dtype):
+    skip_unless_available(backend, device, dtype)
     fresh_seed()
-    inputs, extra = make_inputs((2, 3, 2, 16, 16, 5, 6), dtype, "cpu", strided=True, masks=True)
+    inputs, extra = make_inputs((2, 3, 2, 16, 16, 5, 6), dtype, device, strided=True, masks=True)
     inputs = [t.requires_grad_() for t in inputs]
     args = (*inputs, extra["v_bias"].requires_grad_(), extra["key_padding_mask_a"],
             extra["key_padding_mask_v"], extra["scale"])
     torch.library.opcheck(torch.ops.avfast.av_pair_attention.default, args)
 
 
-def test_compile_fullgraph(backend):
-    skip_unless_available(backend, "cpu", torch.float32)
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph(backend, device):
+    skip_unless_available(backend, device, torch.float32)
     fresh_seed()
-    inputs, extra = make_inputs((2, 4, 2, 16, 8, 5, 9), torch.float32, "cpu", strided=True, masks=True)
+    inputs, extra = make_inputs((2, 4, 2, 16, 8, 5, 9), torch.float32, device, strided=True, masks=True)
 
     def step(q, k_a, v_a, k_v, v_v):
         return (av_pair_attention(q, k_a, v_a, k_v, v_v, **extra) ** 2).sum()
