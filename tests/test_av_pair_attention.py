@@ -301,3 +301,22 @@ def test_automatic_choice():
     assert _backend.select(OP, cpu, torch.float32) == "reference"
     assert _backend.select(OP, torch.device("cuda"), torch.float64) == "reference"
     assert avfast.ops.av_pair_attention is av_pair_attention
+
+
+def test_cuda_kernels_host_execution_is_race_free(monkeypatch):
+    """The host execution runs each block's threads in order; reversed, a phase that read
+    what another thread wrote in the same phase (a race on the GPU) would change results."""
+    skip_unless_available("cuda", "cpu", torch.float32)
+    fresh_seed()
+    inputs, extra = make_inputs((2, 70, 3, 24, 40, 70, 130), torch.float32, "cpu", strided=True, masks=True)
+    args = (*inputs, extra["v_bias"], extra["key_padding_mask_a"], extra["key_padding_mask_v"], extra["scale"])
+    results = []
+    for order in ("forward", "reverse"):
+        monkeypatch.setenv("AVFAST_HOST_THREAD_ORDER", order)
+        out, o_half, lse = torch.ops.avfast_C.av_pair_attention_fwd(*args)
+        grads = torch.ops.avfast_C.av_pair_attention_bwd(
+            torch.ones_like(out), *inputs, extra["key_padding_mask_a"], extra["key_padding_mask_v"],
+            o_half, lse, extra["scale"])
+        results.append((out, o_half, lse, *grads))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
