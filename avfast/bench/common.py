@@ -1,0 +1,476 @@
+"""Benchmark harness shared by every ``avfast.bench.<op>`` module.
+
+- ``Case`` / ``Result``: frozen dataclasses; a result becomes one long-format row
+  {op, provider, kind, mode, case, shape, dtype, median_ms, p20_ms, p80_ms, peak_mem_mb,
+  status, error, note, hbm_floor_ms, gpu, torch, triton, cuda, commit}.
+- ``run_provider``: warm-up (compilation, CUDA-graph capture), peak memory, timing; an
+  OOM or any other failure becomes a row with ``status`` and ``error`` instead of a crash.
+- Timing: ``triton.testing.do_bench`` on CUDA (median, p20, p80; it flushes L2 between
+  calls), a ``time.perf_counter`` loop on CPU (only a smoke check, not a benchmark).
+- Writers: JSON (rows + metadata + cases), Markdown (one table per case), PNG
+  (``plot_results``; matplotlib imported lazily, skipped with a note when missing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MODES = ("fwd", "fwd+bwd")
+KINDS = ("plain", "avfast", "other")  # plain PyTorch peer / avfast / third-party kernel
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# Peak HBM bandwidth (bytes/s) for the floor estimates, by a substring of the device
+# name; first match wins. The default is the H100 SXM (HBM3) figure.
+PEAK_HBM_BYTES_PER_S = (
+    ("h200", 4.8e12),
+    ("h100 pcie", 2.0e12),
+    ("h100", 3.35e12),
+)
+DEFAULT_PEAK_HBM = ("H100 SXM (assumed)", 3.35e12)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One input configuration. ``shape`` holds named sizes; ``hbm_bytes`` maps a mode to
+    the bytes that must cross HBM at least once (empty when not estimated)."""
+
+    op: str
+    name: str
+    shape: dict[str, Any] = field(hash=False)
+    hbm_bytes: dict[str, int] = field(default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Measurement settings. CUDA: do_bench ``warmup_ms`` / ``rep_ms``; CPU: ``cpu_reps``
+    timed calls. ``warmup_calls`` calls precede everything (compile, graph capture)."""
+
+    warmup_calls: int = 3
+    warmup_ms: float = 50.0
+    rep_ms: float = 200.0
+    cpu_reps: int = 10
+
+
+@dataclass(frozen=True)
+class Result:
+    op: str
+    provider: str
+    kind: str
+    mode: str
+    case: str
+    shape: dict[str, Any] = field(hash=False)
+    dtype: str
+    status: str = "ok"  # ok | skip | oom | error
+    median_ms: float | None = None
+    p20_ms: float | None = None
+    p80_ms: float | None = None
+    peak_mem_mb: float | None = None
+    hbm_floor_ms: float | None = None
+    error: str | None = None
+    note: str = ""
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+def device_slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
+
+
+def peak_hbm(name: str) -> tuple[str, float]:
+    """(label, bytes/s) of the peak HBM bandwidth used for the floor estimates."""
+    lowered = name.lower()
+    for key, bw in PEAK_HBM_BYTES_PER_S:
+        if key in lowered:
+            return name, bw
+    return DEFAULT_PEAK_HBM
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def git_commit() -> str | None:
+    """Short commit of the source checkout, '+dirty' when it has changes; None outside git."""
+    try:
+        run = lambda *a: subprocess.run(  # noqa: E731
+            ["git", *a], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        commit = run("rev-parse", "--short", "HEAD")
+        return commit + ("+dirty" if run("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def env_info(device: torch.device | str) -> dict[str, Any]:
+    """Versions and device, stored in the JSON metadata and copied into every row."""
+    device = torch.device(device)
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return {
+        "gpu": device_name(device),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "cuda": torch.version.cuda,
+        "cudnn": cudnn,
+        "xformers": _version("xformers"),
+        "avfast": _version("avfast"),
+        "python": platform.python_version(),
+        "commit": git_commit(),
+    }
+
+
+ROW_ENV_KEYS = ("gpu", "torch", "triton", "cuda", "commit")
+
+
+# ------------------------------------------------------------------------------- measuring
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cleanup(device: torch.device) -> None:
+    """Frees what the last provider left on the GPU (gc first: autograd graphs hold tensors)."""
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def reset_compiled_state() -> None:
+    """Drops dynamo caches and CUDA-graph pools, so providers neither share compiled
+    code nor keep each other's memory."""
+    torch._dynamo.reset()
+
+
+def auto_backend_note(op: str, device: torch.device, dtype: torch.dtype) -> str:
+    """'auto -> <backend>': what avfast picks for ``op`` with AVFAST_BACKEND unset."""
+    from avfast import _backend
+
+    with env_var("AVFAST_BACKEND", None):
+        return "auto -> " + _backend.select(op, device, dtype)
+
+
+@contextmanager
+def env_var(name: str, value: str | None) -> Iterator[None]:
+    """Sets (or, with None, unsets) an environment variable and restores it afterwards."""
+    old = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def time_ms(fn: Callable[[], Any], device: torch.device, timing: Timing) -> tuple[float, float, float]:
+    """(median, p20, p80) milliseconds per call of ``fn``."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        med, p20, p80 = do_bench(fn, warmup=timing.warmup_ms, rep=timing.rep_ms, quantiles=[0.5, 0.2, 0.8])
+        return float(med), float(p20), float(p80)
+    times = []
+    for _ in range(max(1, timing.cpu_reps)):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    if len(times) == 1:
+        return times[0], times[0], times[0]
+    p20, _, _, p80 = statistics.quantiles(times, n=5, method="inclusive")  # 20/40/60/80 %
+    return statistics.median(times), p20, p80
+
+
+def _short_error(err: BaseException, limit: int = 400) -> str:
+    text = f"{type(err).__name__}: {err}".strip()
+    first = text.splitlines()[0] if text else type(err).__name__
+    return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
+def run_provider(
+    case: Case,
+    provider: str,
+    kind: str,
+    mode: str,
+    build: Callable[[], Callable[[], Any]],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    timing: Timing,
+    skip: str | None = None,
+    note: str = "",
+    hbm_bw: float | None = None,
+) -> Result:
+    """Measures ``build()()`` and returns its row; never raises for a failing provider.
+
+    ``build`` makes the zero-argument callable for one step (compiling lazily is fine).
+    ``skip``: a reason not to run at all (unavailable backend). Memory (CUDA only):
+    ``max_memory_allocated`` over the warm-up calls (compilation, CUDA-graph capture) and
+    one more call, minus what was allocated before them (inputs, weights), so a CUDA
+    graph's private pool counts. Then ``time_ms``.
+    """
+    floor_bytes = case.hbm_bytes.get(mode)
+    floor_ms = floor_bytes / hbm_bw * 1e3 if floor_bytes and hbm_bw else None
+    base = dict(
+        op=case.op, provider=provider, kind=kind, mode=mode, case=case.name,
+        shape=dict(case.shape), dtype=str(dtype).removeprefix("torch."), hbm_floor_ms=floor_ms, note=note,
+    )
+    if skip is not None:
+        return Result(**base, status="skip", error=skip)
+    fn = None
+    try:
+        fn = build()
+        cleanup(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+        for _ in range(max(1, timing.warmup_calls)):
+            fn()
+        synchronize(device)
+        peak_mb = None
+        if device.type == "cuda":
+            peak_mb = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+        med, p20, p80 = time_ms(fn, device, timing)
+        return Result(**base, median_ms=med, p20_ms=p20, p80_ms=p80, peak_mem_mb=peak_mb)
+    except torch.OutOfMemoryError as err:
+        return Result(**base, status="oom", error=_short_error(err, 200))
+    except Exception as err:  # noqa: BLE001  (any failure of a provider is a result)
+        return Result(**base, status="error", error=_short_error(err))
+    finally:
+        del fn
+        cleanup(device)
+
+
+def result_row(result: Result, env: dict[str, Any]) -> dict[str, Any]:
+    row = dataclasses.asdict(result)
+    row.update({k: env.get(k) for k in ROW_ENV_KEYS})
+    return row
+
+
+def print_row(row: dict[str, Any]) -> None:
+    if row["status"] == "ok":
+        mem = f"{row['peak_mem_mb']:9.1f} MB" if row["peak_mem_mb"] is not None else "        - MB"
+        what = f"{row['median_ms']:9.3f} ms (p20 {row['p20_ms']:.3f}, p80 {row['p80_ms']:.3f}) {mem}"
+    else:
+        what = f"{row['status'].upper()}: {row['error']}"
+    print(f"  {row['case']:<34} {row['mode']:<8} {row['provider']:<28} {what}", flush=True)
+
+
+# -------------------------------------------------------------------------------- writers
+
+
+def _row_key(row: dict[str, Any]) -> tuple:
+    return (row["op"], row["provider"], row["mode"], row["case"])
+
+
+def merge_payload(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """New rows replace old rows of the same (op, provider, mode, case); the rest stay."""
+    fresh = {_row_key(r) for r in new["rows"]}
+    rows = [r for r in old.get("rows", []) if _row_key(r) not in fresh] + new["rows"]
+    cases = {(c["op"], c["name"]): c for c in old.get("cases", [])}
+    cases.update({(c["op"], c["name"]): c for c in new["cases"]})
+    return {**new, "rows": rows, "cases": list(cases.values())}
+
+
+def write_json(path: Path, payload: dict[str, Any], merge: bool = False) -> dict[str, Any]:
+    """Writes ``payload`` (metadata, cases, rows); with ``merge``, into the existing file's
+    rows. Returns what was written."""
+    path = Path(path)
+    if merge and path.exists():
+        payload = merge_payload(json.loads(path.read_text()), payload)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    return payload
+
+
+def _fmt_ms(x: float | None) -> str:
+    if x is None or not math.isfinite(x):
+        return "-"
+    if x >= 100:
+        return f"{x:.0f}"
+    if x >= 10:
+        return f"{x:.1f}"
+    if x >= 1:
+        return f"{x:.2f}"
+    return f"{x:.3f}"
+
+
+def _fmt_mb(x: float | None) -> str:
+    return "-" if x is None else (f"{x:.0f}" if x >= 10 else f"{x:.1f}")
+
+
+def _ordered(seq) -> list:
+    return list(dict.fromkeys(seq))
+
+
+def best_plain(rows: Sequence[dict[str, Any]], case: str, mode: str) -> dict[str, Any] | None:
+    """Fastest successful plain-PyTorch row of (case, mode)."""
+    ok = [r for r in rows if r["case"] == case and r["mode"] == mode and r["kind"] == "plain" and r["status"] == "ok"]
+    return min(ok, key=lambda r: r["median_ms"]) if ok else None
+
+
+def markdown(payload: dict[str, Any], title: str) -> str:
+    """One table per case: rows = providers; fwd / fwd+bwd median ms, peak MB, and for
+    avfast rows the speed-up over the fastest plain-PyTorch peer of the same case."""
+    meta, rows = payload["metadata"], payload["rows"]
+    cases = {c["name"]: c for c in payload.get("cases", [])}
+    lines = [f"# {title}", ""]
+    lines.append(
+        f"{meta.get('gpu')} · {meta.get('dtype')} · torch {meta.get('torch')} · triton {meta.get('triton')} · "
+        f"CUDA {meta.get('cuda')} · commit {meta.get('commit')} · {meta.get('created')}"
+    )
+    lines.append("")
+    for note in meta.get("notes", []):
+        lines += [f"> {note}", ""]
+    timer = ("median of `triton.testing.do_bench` (L2 flushed between calls)" if meta.get("device", "").startswith("cuda")
+             else "median of a `time.perf_counter` loop (CPU)")
+    lines += [
+        f"Times: {timer}; p20/p80 are in the JSON. "
+        "fwd runs under `torch.no_grad()`; fwd+bwd is forward plus `torch.autograd.grad` of a random "
+        "output gradient. Peak MB: memory allocated beyond the inputs and weights during warm-up "
+        "(compilation, CUDA-graph capture) and one call. × = speed-up of an avfast provider over the "
+        "fastest plain-PyTorch peer of the same case and mode.",
+        "",
+    ]
+    for op in _ordered(r["op"] for r in rows):
+        lines += [f"## {op}", ""]
+        for case_name in _ordered(r["case"] for r in rows if r["op"] == op):
+            crow = [r for r in rows if r["op"] == op and r["case"] == case_name]
+            lines += [f"### {case_name}", ""]
+            case = cases.get(case_name, {})
+            if case.get("shape"):
+                lines += ["`" + ", ".join(f"{k}={v}" for k, v in case["shape"].items()) + "`", ""]
+            best = {m: best_plain(crow, case_name, m) for m in MODES}
+            peers = [f"{m} {b['provider']} {_fmt_ms(b['median_ms'])} ms" for m, b in best.items() if b]
+            if peers:
+                lines += ["Fastest plain-PyTorch peer: " + "; ".join(peers) + ".", ""]
+            if case.get("hbm_floor_ms"):
+                fl = case["hbm_floor_ms"]
+                lines += [
+                    f"HBM floor ({case.get('hbm_bandwidth_label')}, {case.get('hbm_bytes_per_s', 0) / 1e12:.2f} TB/s): "
+                    + "; ".join(f"{m} {fl[m] * 1e3:.3g} µs ({case['hbm_bytes'][m] / 1e6:.3g} MB)" for m in MODES if m in fl)
+                    + ".",
+                    "",
+                ]
+            lines += [
+                "| provider | fwd ms | fwd+bwd ms | fwd MB | fwd+bwd MB | fwd × | fwd+bwd × | note |",
+                "|---|---:|---:|---:|---:|---:|---:|---|",
+            ]
+            footnotes = []
+            for provider in _ordered(r["provider"] for r in crow):
+                by_mode = {r["mode"]: r for r in crow if r["provider"] == provider}
+                cells, mems, speed, notes = [], [], [], []
+                for m in MODES:
+                    r = by_mode.get(m)
+                    if r is None:
+                        cells.append("")
+                        mems.append("")
+                        speed.append("")
+                        continue
+                    if r["status"] != "ok":
+                        footnotes.append(f"- {provider}, {m}: {r['status']}: {r['error']}")
+                        cells.append(r["status"])
+                        mems.append("")
+                        speed.append("")
+                        continue
+                    cells.append(_fmt_ms(r["median_ms"]))
+                    mems.append(_fmt_mb(r["peak_mem_mb"]))
+                    b = best[m]
+                    speed.append(f"{b['median_ms'] / r['median_ms']:.2f}×" if r["kind"] == "avfast" and b else "")
+                    if r.get("note"):
+                        notes.append(r["note"])
+                note = "; ".join(_ordered(notes))
+                lines.append(f"| {provider} | {' | '.join(cells)} | {' | '.join(mems)} | {' | '.join(speed)} | {note} |")
+            lines.append("")
+            if footnotes:
+                lines += [*_ordered(footnotes), ""]
+    return "\n".join(lines)
+
+
+def write_markdown(path: Path, payload: dict[str, Any], title: str) -> None:
+    Path(path).write_text(markdown(payload, title))
+
+
+def plot_payload(payload: dict[str, Any], png_path: Path, title: str | None = None) -> bool:
+    """Bar chart (log ms) per case, providers on x, fwd and fwd+bwd bars. Returns False,
+    with a printed note, when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"note: matplotlib is not installed; no plot written ({png_path}). "
+              f"Plot the JSON elsewhere with avfast.bench.common.plot_results or benchmarks/plot.py.")
+        return False
+    rows = [r for r in payload["rows"] if r["status"] == "ok"]
+    cases = _ordered((r["op"], r["case"]) for r in payload["rows"])
+    if not cases:
+        return False
+    ncols = 2 if len(cases) > 1 else 1
+    nrows = math.ceil(len(cases) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(7.5 * ncols, 4.2 * nrows), squeeze=False)
+    for ax, (op, case) in zip(axes.flat, cases):
+        providers = _ordered(r["provider"] for r in payload["rows"] if r["op"] == op and r["case"] == case)
+        width = 0.4
+        for i, mode in enumerate(MODES):
+            ys = []
+            for p in providers:
+                hit = [r for r in rows if r["op"] == op and r["case"] == case and r["provider"] == p and r["mode"] == mode]
+                ys.append(hit[0]["median_ms"] if hit else float("nan"))
+            ax.bar([x + (i - 0.5) * width for x in range(len(providers))], ys, width, label=mode)
+        ax.set_xticks(range(len(providers)))
+        ax.set_xticklabels(providers, rotation=35, ha="right", fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("median ms (log)")
+        ax.set_title(f"{op}: {case}", fontsize=9)
+        ax.grid(axis="y", which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(cases):]:
+        ax.axis("off")
+    meta = payload.get("metadata", {})
+    fig.suptitle(title or f"{meta.get('gpu')} · {meta.get('dtype')} · torch {meta.get('torch')}", fontsize=10)
+    fig.tight_layout()
+    Path(png_path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_results(json_path: str | os.PathLike, png_path: str | os.PathLike) -> bool:
+    """Replots a results JSON written by an ``avfast.bench`` module (no GPU needed)."""
+    return plot_payload(json.loads(Path(json_path).read_text()), Path(png_path))
