@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as nnf
-from timm.layers import DropPath
+from timm.layers import DropPath, Mlp
 from torch import Tensor, nn
 
 from avfast.ops import av_pair_attention
@@ -36,19 +36,6 @@ def _attn_scale(mode: AttnScale, dim: int, qk_dim: int, num_heads: int) -> float
 def _check_heads(name: str, width: int, num_heads: int) -> None:
     if width % num_heads:
         raise ValueError(f"{name}: projected width {width} must be divisible by num_heads={num_heads}")
-
-
-class Mlp(nn.Module):
-    """fc1 -> GELU (erf) -> fc2, as timm's Mlp (same parameter names)."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class DenseAVInteractionAttention(nn.Module):
@@ -181,7 +168,7 @@ class _FusionBlock(nn.Module):
         self.norm1_aud = nn.LayerNorm(dim, eps=norm_eps)
         self.norm1_img = nn.LayerNorm(dim, eps=norm_eps)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))  # fc1 -> GELU (erf) -> fc2
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(
@@ -335,5 +322,4 @@ __all__ = [
     "DenseAVInteractionAttention",
     "FactorizedAVFusionBlock",
     "FactorizedAVInteractionAttention",
-    "Mlp",
 ]

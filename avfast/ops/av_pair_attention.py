@@ -81,24 +81,15 @@ def _check_av_pair_attention(q, k_a, v_a, k_v, v_v, v_bias, key_padding_mask_a, 
         _check_tensor("v_bias", v_bias, "(H, Dv)", (H, Dv), q)
 
 
-def _forward_impl(backend: str):
+def _kernels(backend: str):
+    """(forward, backward) of the backend contract for ``backend``."""
     if backend == "cuda":
-        return torch.ops.avfast_C.av_pair_attention_fwd
+        return torch.ops.avfast_C.av_pair_attention_fwd, torch.ops.avfast_C.av_pair_attention_bwd
     if backend == "triton":
-        from avfast.kernels.triton.av_pair_attention import av_pair_attention_fwd
+        from avfast.kernels.triton import av_pair_attention as triton_kernels
 
-        return av_pair_attention_fwd
-    return reference.av_pair_attention_fwd
-
-
-def _backward_impl(backend: str):
-    if backend == "cuda":
-        return torch.ops.avfast_C.av_pair_attention_bwd
-    if backend == "triton":
-        from avfast.kernels.triton.av_pair_attention import av_pair_attention_bwd
-
-        return av_pair_attention_bwd
-    return reference.av_pair_attention_bwd
+        return triton_kernels.av_pair_attention_fwd, triton_kernels.av_pair_attention_bwd
+    return reference.av_pair_attention_fwd, reference.av_pair_attention_bwd
 
 
 @torch.library.custom_op("avfast::av_pair_attention", mutates_args=())
@@ -117,7 +108,8 @@ def _av_pair_attention(
     are the residuals that the backward reads (see avfast.reference.av_pair_attention)."""
     _check_av_pair_attention(q, k_a, v_a, k_v, v_v, v_bias, key_padding_mask_a, key_padding_mask_v, scale)
     backend = _backend.select(OP, q.device, q.dtype)
-    return _forward_impl(backend)(q, k_a, v_a, k_v, v_v, v_bias, key_padding_mask_a, key_padding_mask_v, scale)
+    forward, _ = _kernels(backend)
+    return forward(q, k_a, v_a, k_v, v_v, v_bias, key_padding_mask_a, key_padding_mask_v, scale)
 
 
 @_av_pair_attention.register_fake
@@ -150,7 +142,8 @@ def _av_pair_attention_backward(
     """Gradients of (q, k_a, v_a, k_v, v_v, v_bias); v_bias's is the sum of dout over
     the rows that have a valid pair, (H, Dv) in q's dtype."""
     backend = _backend.select(OP, q.device, q.dtype)
-    grads = _backward_impl(backend)(
+    _, backward = _kernels(backend)
+    grads = backward(
         dout, q, k_a, v_a, k_v, v_v, key_padding_mask_a, key_padding_mask_v, o_half, lse, scale
     )
     has_pair = torch.isfinite(lse[..., :1])  # (B, F, H, 1)

@@ -14,6 +14,7 @@ Dims: B batch, F fusion tokens, Nv image tokens, Na audio tokens, D width.
 from __future__ import annotations
 
 import torch
+from timm.layers import Mlp
 from torch import Tensor, nn
 
 
@@ -39,17 +40,6 @@ def _merge(x: Tensor) -> Tensor:
     """(B, H, N, d) -> (B, N, H*d)."""
     B, H, N, d = x.shape
     return x.transpose(1, 2).reshape(B, N, H * d)
-
-
-class _Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class UpstreamDenseAttention(nn.Module):
@@ -128,7 +118,7 @@ class _UpstreamBlock(nn.Module):
         self.norm1_aud = nn.LayerNorm(dim, eps=1e-5)
         self.norm1_img = nn.LayerNorm(dim, eps=1e-5)
         self.norm2 = nn.LayerNorm(dim, eps=1e-5)
-        self.mlp = _Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def _residuals(self, x_fusion_normed: Tensor, delta: Tensor) -> Tensor:
         x = x_fusion_normed + delta  # upstream: the residual stream is the normalized tokens

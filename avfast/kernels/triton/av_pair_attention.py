@@ -44,6 +44,42 @@ if has_triton():
         return tl.dot(a, b)
 
     @triton.jit
+    def _key_range(N, split, num_splits, BLOCK_N: tl.constexpr):
+        """[start, end) of the keys that split `split` of `num_splits` covers (whole key blocks)."""
+        chunk = tl.cdiv(tl.cdiv(N, BLOCK_N), num_splits) * BLOCK_N
+        start = split * chunk
+        return start, tl.minimum(start + chunk, N)
+
+    @triton.jit
+    def _load_key_block(
+        n0, end, b, h,
+        k_ptr, stride_k_b, stride_k_n, stride_k_h, stride_k_d,
+        v_ptr, stride_v_b, stride_v_n, stride_v_h, stride_v_d,
+        mask_ptr, stride_mask_b, stride_mask_n,
+        Dq, Dv, HAS_MASK: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ):
+        """Keys n0 .. n0+BLOCK_N of (b, h): k (BLOCK_N, BLOCK_DQ), v (BLOCK_N, BLOCK_DV), zero
+        past `end` and the head widths, and key_ok (BLOCK_N,): in range and not padded."""
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_dq = tl.arange(0, BLOCK_DQ)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        n_ok = offs_n < end
+        k = tl.load(
+            k_ptr + b * stride_k_b + h * stride_k_h + offs_n[:, None] * stride_k_n + offs_dq[None, :] * stride_k_d,
+            mask=n_ok[:, None] & (offs_dq[None, :] < Dq), other=0.0,
+        )
+        v = tl.load(
+            v_ptr + b * stride_v_b + h * stride_v_h + offs_n[:, None] * stride_v_n + offs_dv[None, :] * stride_v_d,
+            mask=n_ok[:, None] & (offs_dv[None, :] < Dv), other=0.0,
+        )
+        key_ok = n_ok
+        if HAS_MASK:
+            pad = tl.load(mask_ptr + b * stride_mask_b + offs_n * stride_mask_n, mask=n_ok, other=1)
+            key_ok = key_ok & (pad == 0)
+        return k, v, key_ok
+
+    @triton.jit
     def _attend_half(
         q, b, h, split, num_splits, N, scale,
         k_ptr, stride_k_b, stride_k_n, stride_k_h, stride_k_d,
@@ -56,32 +92,19 @@ if has_triton():
         """Online softmax of q (BLOCK_F, BLOCK_DQ) over this split's keys of one half.
         Returns the normalized output (BLOCK_F, BLOCK_DV) and the lse (BLOCK_F,),
         -inf where the split holds no valid key."""
-        offs_dq = tl.arange(0, BLOCK_DQ)
-        offs_dv = tl.arange(0, BLOCK_DV)
-        chunk = tl.cdiv(tl.cdiv(N, BLOCK_N), num_splits) * BLOCK_N
-        start = split * chunk
-        end = tl.minimum(start + chunk, N)
+        start, end = _key_range(N, split, num_splits, BLOCK_N)
         m = tl.full((BLOCK_F,), float("-inf"), tl.float32)
         l = tl.zeros((BLOCK_F,), tl.float32)
         acc = tl.zeros((BLOCK_F, BLOCK_DV), tl.float32)
         for n0 in range(start, end, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < end
-            k = tl.load(
-                k_ptr + b * stride_k_b + h * stride_k_h
-                + offs_n[:, None] * stride_k_n + offs_dq[None, :] * stride_k_d,
-                mask=n_ok[:, None] & (offs_dq[None, :] < Dq), other=0.0,
-            )  # (BLOCK_N, BLOCK_DQ)
-            v = tl.load(
-                v_ptr + b * stride_v_b + h * stride_v_h
-                + offs_n[:, None] * stride_v_n + offs_dv[None, :] * stride_v_d,
-                mask=n_ok[:, None] & (offs_dv[None, :] < Dv), other=0.0,
-            )  # (BLOCK_N, BLOCK_DV)
-            if HAS_MASK:
-                pad = tl.load(mask_ptr + b * stride_mask_b + offs_n * stride_mask_n, mask=n_ok, other=1)
-                n_ok = n_ok & (pad == 0)
+            k, v, key_ok = _load_key_block(
+                n0, end, b, h,
+                k_ptr, stride_k_b, stride_k_n, stride_k_h, stride_k_d,
+                v_ptr, stride_v_b, stride_v_n, stride_v_h, stride_v_d,
+                mask_ptr, stride_mask_b, stride_mask_n, Dq, Dv, HAS_MASK, BLOCK_N, BLOCK_DQ, BLOCK_DV,
+            )
             s = _dot(q, tl.trans(k), FP32_DOT)
-            s = tl.where(n_ok[None, :], s * scale, float("-inf"))  # (BLOCK_F, BLOCK_N)
+            s = tl.where(key_ok[None, :], s * scale, float("-inf"))  # (BLOCK_F, BLOCK_N)
             m_new = tl.maximum(m, tl.max(s, 1))
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp(s - m_ref[:, None])
@@ -186,26 +209,16 @@ if has_triton():
         delta = tl.sum(do.to(tl.float32) * o, 1)  # (BLOCK_F,)
         lse = tl.load(lse_ptr_row, mask=f_ok, other=float("inf"))  # (BLOCK_F,)
         dq = tl.zeros((BLOCK_F, BLOCK_DQ), tl.float32)
-        chunk = tl.cdiv(tl.cdiv(N, BLOCK_N), num_splits) * BLOCK_N
-        start = split * chunk
-        end = tl.minimum(start + chunk, N)
+        start, end = _key_range(N, split, num_splits, BLOCK_N)
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = offs_n < end
-            k = tl.load(
-                k_ptr + b * stride_k_b + h * stride_k_h
-                + offs_n[:, None] * stride_k_n + offs_dq[None, :] * stride_k_d,
-                mask=n_ok[:, None] & (offs_dq[None, :] < Dq), other=0.0,
-            )  # (BLOCK_N, BLOCK_DQ)
-            v = tl.load(
-                v_ptr + b * stride_v_b + h * stride_v_h
-                + offs_n[:, None] * stride_v_n + offs_dv[None, :] * stride_v_d,
-                mask=n_ok[:, None] & (offs_dv[None, :] < Dv), other=0.0,
-            )  # (BLOCK_N, BLOCK_DV)
-            key_ok = n_ok
-            if HAS_MASK:
-                pad = tl.load(mask_ptr + b * stride_mask_b + offs_n * stride_mask_n, mask=n_ok, other=1)
-                key_ok = key_ok & (pad == 0)
+            k, v, key_ok = _load_key_block(
+                n0, end, b, h,
+                k_ptr, stride_k_b, stride_k_n, stride_k_h, stride_k_d,
+                v_ptr, stride_v_b, stride_v_n, stride_v_h, stride_v_d,
+                mask_ptr, stride_mask_b, stride_mask_n, Dq, Dv, HAS_MASK, BLOCK_N, BLOCK_DQ, BLOCK_DV,
+            )
             s = _dot(q, tl.trans(k), FP32_DOT)
             p = tl.exp(s * scale - lse[:, None])
             p = tl.where(key_ok[None, :] & f_ok[:, None], p, 0.0)  # (BLOCK_F, BLOCK_N)
