@@ -10,24 +10,21 @@ Inputs come checked (avfast.ops); any strides are accepted.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
 from avfast.kernels.triton import has_triton
+from avfast.kernels.triton.common import pow2, use_fp32_dot
 
 if has_triton():
     import triton
     import triton.language as tl
 
+    from avfast.kernels.triton.common import dot
+
 BLOCK_N = 64  # keys per inner step
 MAX_BLOCK_F = 64  # queries per program
 MIN_PROGRAMS = 264  # about two programs per SM on an H100 (132 SMs)
-
-
-def _pow2(n: int, floor: int = 16) -> int:
-    return max(floor, 1 << (max(n, 1) - 1).bit_length())
 
 
 def _strides(t: Tensor | None, ndim: int) -> tuple[int, ...]:
@@ -35,13 +32,6 @@ def _strides(t: Tensor | None, ndim: int) -> tuple[int, ...]:
 
 
 if has_triton():
-
-    @triton.jit
-    def _dot(a, b, FP32_DOT: tl.constexpr):
-        """a @ b with fp32 accumulation; FP32_DOT: in full fp32 (no TF32), operands upcast."""
-        if FP32_DOT:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-        return tl.dot(a, b)
 
     @triton.jit
     def _key_range(N, split, num_splits, BLOCK_N: tl.constexpr):
@@ -103,14 +93,14 @@ if has_triton():
                 v_ptr, stride_v_b, stride_v_n, stride_v_h, stride_v_d,
                 mask_ptr, stride_mask_b, stride_mask_n, Dq, Dv, HAS_MASK, BLOCK_N, BLOCK_DQ, BLOCK_DV,
             )
-            s = _dot(q, tl.trans(k), FP32_DOT)
+            s = dot(q, tl.trans(k), FP32_DOT)
             s = tl.where(key_ok[None, :], s * scale, float("-inf"))  # (BLOCK_F, BLOCK_N)
             m_new = tl.maximum(m, tl.max(s, 1))
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp(s - m_ref[:, None])
             alpha = tl.exp(m - m_ref)
             l = l * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, FP32_DOT)
+            acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, FP32_DOT)
             m = m_new
         has_key = l > 0
         o = acc / tl.where(has_key, l, 1.0)[:, None]
@@ -219,14 +209,14 @@ if has_triton():
                 v_ptr, stride_v_b, stride_v_n, stride_v_h, stride_v_d,
                 mask_ptr, stride_mask_b, stride_mask_n, Dq, Dv, HAS_MASK, BLOCK_N, BLOCK_DQ, BLOCK_DV,
             )
-            s = _dot(q, tl.trans(k), FP32_DOT)
+            s = dot(q, tl.trans(k), FP32_DOT)
             p = tl.exp(s * scale - lse[:, None])
             p = tl.where(key_ok[None, :] & f_ok[:, None], p, 0.0)  # (BLOCK_F, BLOCK_N)
-            dv = _dot(tl.trans(p.to(do.dtype)), do, FP32_DOT)  # (BLOCK_N, BLOCK_DV)
-            dp = _dot(do, tl.trans(v), FP32_DOT)  # (BLOCK_F, BLOCK_N)
+            dv = dot(tl.trans(p.to(do.dtype)), do, FP32_DOT)  # (BLOCK_N, BLOCK_DV)
+            dp = dot(do, tl.trans(v), FP32_DOT)  # (BLOCK_F, BLOCK_N)
             ds = p * (dp - delta[:, None])  # (BLOCK_F, BLOCK_N)
-            dk = _dot(tl.trans(ds.to(q.dtype)), q, FP32_DOT) * scale  # (BLOCK_N, BLOCK_DQ)
-            dq += _dot(ds.to(k.dtype), k, FP32_DOT)
+            dk = dot(tl.trans(ds.to(q.dtype)), q, FP32_DOT) * scale  # (BLOCK_N, BLOCK_DQ)
+            dq += dot(ds.to(k.dtype), k, FP32_DOT)
             tl.store(
                 dk_ptr + pid_f * stride_dk_s + b * stride_dk_b + h * stride_dk_h
                 + offs_n[:, None] * stride_dk_n + offs_dq[None, :],
@@ -306,13 +296,6 @@ if has_triton():
         )
 
 
-def _fp32_dot(q: Tensor) -> bool:
-    """Dots in full fp32 for fp32 inputs, and for bf16 under the interpreter (whose bf16
-    tl.dot returns garbage in triton 3.6)."""
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1" and q.device.type == "cpu"
-    return q.dtype == torch.float32 or (interpreted and q.dtype == torch.bfloat16)
-
-
 def _num_splits(programs: int, n_keys: int, device: torch.device) -> int:
     """Key splits so that about MIN_PROGRAMS programs run; 1 off the GPU."""
     if device.type != "cuda" or programs >= MIN_PROGRAMS:
@@ -336,7 +319,7 @@ def av_pair_attention_fwd(
     lse (B, F, H, 2) fp32) as in the reference contract."""
     B, F, H, Dq = q.shape
     Na, Nv, Dv = k_a.shape[1], k_v.shape[1], v_a.shape[-1]
-    block_f = min(_pow2(F), MAX_BLOCK_F)
+    block_f = min(pow2(F), MAX_BLOCK_F)
     grid_f = triton.cdiv(F, block_f)
     if num_splits is None:
         num_splits = _num_splits(grid_f * B * H, max(Na, Nv), q.device)
@@ -353,8 +336,8 @@ def av_pair_attention_fwd(
         F, H, Na, Nv, Dq, Dv, scale, num_splits,
         HAS_BIAS=v_bias is not None,
         HAS_MASK_A=key_padding_mask_a is not None, HAS_MASK_V=key_padding_mask_v is not None,
-        FINAL=final, FP32_DOT=_fp32_dot(q),
-        BLOCK_F=block_f, BLOCK_N=BLOCK_N, BLOCK_DQ=_pow2(Dq), BLOCK_DV=_pow2(Dv),
+        FINAL=final, FP32_DOT=use_fp32_dot(q),
+        BLOCK_F=block_f, BLOCK_N=BLOCK_N, BLOCK_DQ=pow2(Dq), BLOCK_DV=pow2(Dv),
     )
     if final:
         return out, o_half[0], lse[0]
@@ -385,7 +368,7 @@ def av_pair_attention_bwd(
     """Backward launcher: gradients of q, k_a, v_a, k_v, v_v in their dtypes."""
     B, F, H, Dq = q.shape
     Na, Nv, Dv = k_a.shape[1], k_v.shape[1], v_a.shape[-1]
-    block_f = min(_pow2(F), MAX_BLOCK_F)
+    block_f = min(pow2(F), MAX_BLOCK_F)
     grid_f = triton.cdiv(F, block_f)
     if num_splits is None:
         num_splits = _num_splits(grid_f * B * H, max(Na, Nv), q.device)
@@ -407,8 +390,8 @@ def av_pair_attention_bwd(
         dk_v, *dk_v.stride()[:4], dv_v, *dv_v.stride()[:4],
         F, H, Na, Nv, Dq, Dv, scale, num_splits,
         HAS_MASK_A=key_padding_mask_a is not None, HAS_MASK_V=key_padding_mask_v is not None,
-        FP32_DOT=_fp32_dot(q),
-        BLOCK_F=block_f, BLOCK_N=BLOCK_N, BLOCK_DQ=_pow2(Dq), BLOCK_DV=_pow2(Dv),
+        FP32_DOT=use_fp32_dot(q),
+        BLOCK_F=block_f, BLOCK_N=BLOCK_N, BLOCK_DQ=pow2(Dq), BLOCK_DV=pow2(Dv),
     )
     grads = [g[0] if g.shape[0] == 1 else g.sum(dim=0).to(t.dtype)
              for g, t in zip((dq, dk_a, dv_a, dk_v, dv_v), (q, k_a, v_a, k_v, v_v))]
