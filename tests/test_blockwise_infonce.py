@@ -1,0 +1,229 @@
+"""blockwise_infonce and its fused primitive cosine_lse, against the plain-PyTorch reference."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from avfast import _backend
+from avfast.ops import blockwise_infonce, cosine_lse
+from avfast.reference import blockwise_infonce as ref
+
+OP = "cosine_lse"
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def fresh_seed() -> int:
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    return seed
+
+
+@pytest.fixture(params=["reference", "triton"])
+def backend(request, monkeypatch):
+    monkeypatch.setenv("AVFAST_BACKEND", request.param)
+    return request.param
+
+
+def skip_unless_available(backend: str, device: str, dtype: torch.dtype) -> None:
+    reason = _backend.unavailable_reason(backend, OP, torch.device(device), dtype)
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def tolerance(low: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype, tau: float) -> float:
+    """Twice plain torch's error in the same dtype, plus a few roundings of the magnitude,
+    plus the kernels' recompute term: logits S up to 1/tau carry an fp32 rounding of
+    eps32/tau, which the backward's exp(S - lse) turns into that relative error."""
+    magnitude = max(1.0, exact.abs().max().item() if exact.numel() else 0.0)
+    eps32 = torch.finfo(torch.float32).eps
+    return 2 * max_err(low, exact) + 8 * torch.finfo(dtype).eps * magnitude + 4 * eps32 / tau * magnitude
+
+
+def make_valid(B: int, kind: str, device: str) -> torch.Tensor | None:
+    if kind == "all":
+        return None
+    valid = torch.rand(B, device=device) < 0.7
+    if kind == "none":
+        valid[:] = False
+    elif kind == "one":
+        valid[:] = False
+        valid[B // 2] = True
+    elif kind == "all_but_one":
+        valid[:] = True
+        valid[B // 3] = False
+    return valid
+
+
+def features(K: int, B: int, d: int, dtype, device, strided: bool) -> torch.Tensor:
+    if strided:  # (B, K, d + 3) sliced and transposed: no unit strides but d's
+        return torch.randn(B, K, d + 3, device=device, dtype=dtype)[..., 1:d + 1].transpose(0, 1)
+    return torch.randn(K, B, d, device=device, dtype=dtype)
+
+
+def loss_and_grads(fn, z_a, z_v, **kw):
+    z_a, z_v = z_a.detach().requires_grad_(), z_v.detach().requires_grad_()
+    loss = fn(z_a, z_v, **kw)
+    grads = torch.autograd.grad(loss.sum(), (z_a, z_v), allow_unused=True, materialize_grads=True)
+    return loss, grads
+
+
+# (K, B, d): B=1, B not a multiple of the tile, d from 16 to 1024, all 12 blocks
+LOSS_SHAPES = [(1, 1, 16), (3, 37, 24), (2, 70, 1024), (12, 19, 48)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", LOSS_SHAPES)
+@pytest.mark.parametrize("valid_kind", ["all", "some", "one", "all_but_one", "none"])
+@pytest.mark.parametrize("tau", [0.07, 0.01])
+def test_loss_and_grads_match_literal(backend, device, dtype, shape, valid_kind, tau):
+    skip_unless_available(backend, device, dtype)
+    seed = fresh_seed()
+    K, B, d = shape
+    z_a = features(K, B, d, dtype, device, strided=True)
+    z_v = features(K, B, d, dtype, device, strided=False)
+    valid = make_valid(B, valid_kind, device)
+    kw = dict(valid=valid, tau=tau, reduction="none")
+    exact, exact_grads = loss_and_grads(ref.blockwise_infonce, z_a.double(), z_v.double(), **kw)
+    plain, plain_grads = loss_and_grads(ref.blockwise_infonce, z_a, z_v, **kw)
+    loss, grads = loss_and_grads(blockwise_infonce, z_a, z_v, **kw)
+    assert loss.shape == (K,) and loss.dtype == torch.float32
+    assert max_err(loss, exact) <= tolerance(plain, exact, dtype, tau), \
+        f"seed {seed}: loss err {max_err(loss, exact)}"
+    for name, g, g_plain, g_exact in zip(["z_a", "z_v"], grads, plain_grads, exact_grads):
+        assert g.dtype == dtype
+        tol = tolerance(g_plain, g_exact, dtype, tau)
+        assert max_err(g, g_exact) <= tol, f"seed {seed}: grad {name} err {max_err(g, g_exact)} > {tol}"
+    if valid_kind == "none":
+        assert torch.all(loss == 0) and all(torch.all(g == 0) for g in grads)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("row_offset", [0, 6, -4])
+@pytest.mark.parametrize("col_lse", [True, False])
+def test_cosine_lse_rows_against_other_columns(backend, device, dtype, row_offset, col_lse):
+    """Br != Bc with a row offset: one rank's rows against the gathered batch."""
+    skip_unless_available(backend, device, dtype)
+    seed = fresh_seed()
+    z_row = features(2, 21, 40, dtype, device, strided=True)
+    z_col = features(2, 45, 40, dtype, device, strided=False)
+    valid_row, valid_col = make_valid(21, "some", device), make_valid(45, "some", device)
+    kw = dict(tau=0.05, valid_row=valid_row, valid_col=valid_col, row_offset=row_offset, col_lse=col_lse)
+
+    def run(fn, zr, zc):
+        zr, zc = zr.detach().requires_grad_(), zc.detach().requires_grad_()
+        outs = fn(zr, zc, **kw)
+        torch.manual_seed(seed)
+        g_out = [torch.randn(o.shape, dtype=torch.float64, device=device) for o in outs]
+        used = [(o, g) for o, g in zip(outs, g_out) if o.requires_grad]
+        grads = torch.autograd.grad([o for o, _ in used], (zr, zc), [g.to(o.dtype) for o, g in used],
+                                    allow_unused=True, materialize_grads=True)
+        return outs, grads
+
+    exact, exact_grads = run(ref.cosine_lse, z_row.double(), z_col.double())
+    plain, plain_grads = run(ref.cosine_lse, z_row, z_col)
+    got, grads = run(cosine_lse, z_row, z_col)
+    for name, a, p, e in zip(["lse_row", "lse_col", "diag"], got, plain, exact):
+        assert max_err(a, e) <= tolerance(p, e, dtype, kw["tau"]), \
+            f"seed {seed}: {name} err {max_err(a, e)}"
+    for name, a, p, e in zip(["z_row", "z_col"], grads, plain_grads, exact_grads):
+        assert max_err(a, e) <= tolerance(p, e, dtype, kw["tau"]), f"seed {seed}: grad {name} err {max_err(a, e)}"
+
+
+def test_reference_backward_is_the_gradient_of_the_reference_forward():
+    seed = fresh_seed()
+    z_row = torch.randn(2, 9, 7, dtype=torch.float64, requires_grad=True)
+    z_col = torch.randn(2, 11, 7, dtype=torch.float64, requires_grad=True)
+    valid_row, valid_col = make_valid(9, "some", "cpu"), make_valid(11, "some", "cpu")
+    outs = ref.cosine_lse(z_row, z_col, tau=0.2, valid_row=valid_row, valid_col=valid_col, row_offset=2)
+    g_out = [torch.randn_like(o) for o in outs]
+    expected = torch.autograd.grad(outs, (z_row, z_col), g_out)
+    got = ref.cosine_lse_bwd(*g_out, z_row.detach(), z_col.detach(), valid_row, valid_col, outs[0].detach(),
+                             outs[1].detach(), 0.2, 2, True)
+    for a, b in zip(got, expected):
+        assert max_err(a, b) <= 1e-12, f"seed {seed}"
+
+
+def test_gradcheck_float64():
+    fresh_seed()
+    z_a = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    z_v = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    valid = torch.tensor([True, False, True, True, True])
+    assert torch.autograd.gradcheck(lambda a, v: blockwise_infonce(a, v, valid=valid, tau=0.3, reduction="none"),
+                                    (z_a, z_v))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck(backend, device, dtype):
+    skip_unless_available(backend, device, dtype)
+    fresh_seed()
+    z_row = features(2, 6, 16, dtype, device, strided=True).requires_grad_()
+    z_col = features(2, 7, 16, dtype, device, strided=False).requires_grad_()
+    args = (z_row, z_col, make_valid(6, "some", device), make_valid(7, "some", device), 0.1, 1, True)
+    torch.library.opcheck(torch.ops.avfast.cosine_lse.default, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph(backend, device):
+    skip_unless_available(backend, device, torch.float32)
+    fresh_seed()
+    z_a, z_v = features(3, 10, 16, torch.float32, device, False), features(3, 10, 16, torch.float32, device, True)
+    valid = make_valid(10, "some", device)
+
+    def step(a, v):
+        return blockwise_infonce(a, v, valid=valid, tau=0.07)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    eager_loss, eager_grads = loss_and_grads(step, z_a, z_v)
+    comp_loss, comp_grads = loss_and_grads(compiled, z_a, z_v)
+    assert torch.allclose(eager_loss, comp_loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(eager_grads, comp_grads):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_reductions():
+    fresh_seed()
+    z_a, z_v = torch.randn(4, 8, 16), torch.randn(4, 8, 16)
+    per_block = blockwise_infonce(z_a, z_v, reduction="none")
+    assert per_block.shape == (4,)
+    assert torch.allclose(blockwise_infonce(z_a, z_v), per_block.mean())
+    assert torch.allclose(blockwise_infonce(z_a, z_v, reduction="sum"), per_block.sum())
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(z_a=torch.randn(3, 8)), ValueError, r"blockwise_infonce: z_a must be \(K, B, d\) with K, d >= 1, got \(3, 8\)"),
+        (dict(z_v=torch.randn(2, 8, 16)), ValueError, r"z_v must be \(K, B, d\) = \(3, 8, 16\) like z_a, got \(2, 8, 16\)"),
+        (dict(z_v=torch.randn(3, 8, 16, dtype=torch.float64)), TypeError, r"z_col must have z_row's dtype torch.float64, got torch.float32"),
+        (dict(z_a=torch.randint(0, 3, (3, 8, 16))), TypeError, r"z_a must be float32, float16, bfloat16 or float64, got torch.int64"),
+        (dict(valid=torch.ones(8)), TypeError, r"valid must be a bool Tensor \(B,\) .* got torch.float32"),
+        (dict(valid=torch.ones(7, dtype=torch.bool)), ValueError, r"valid must be \(B,\) = \(8,\), got \(7,\)"),
+        (dict(tau=0.001), ValueError, r"tau must be a finite float >= 0.003, got 0.001"),
+        (dict(reduction="avg"), ValueError, r"reduction must be one of \('mean', 'sum', 'none'\), got 'avg'"),
+    ],
+)
+def test_bad_inputs_name_the_argument(kwargs, error, match):
+    args = dict(z_a=torch.randn(3, 8, 16), z_v=torch.randn(3, 8, 16))
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        blockwise_infonce(args.pop("z_a"), args.pop("z_v"), **args)
+
+
+def test_cosine_lse_bad_inputs():
+    z = torch.randn(2, 5, 8)
+    with pytest.raises(ValueError, match=r"cosine_lse: z_col must be \(K, Bc, d\) = \(2, \*, 8\), got \(2, 5, 9\)"):
+        cosine_lse(z, torch.randn(2, 5, 9), tau=0.1)
+    with pytest.raises(ValueError, match=r"cosine_lse: valid_col must be \(B,\) = \(6,\), got \(5,\)"):
+        cosine_lse(z, torch.randn(2, 6, 8), tau=0.1, valid_col=torch.ones(5, dtype=torch.bool))
