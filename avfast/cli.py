@@ -3,6 +3,7 @@
     avfast info                      versions, device, and which backend serves each op
     avfast bench pair-attention ...  the av_pair_attention benchmark (a kernel-vs-reference
                                      check on CPU when no GPU is present)
+    avfast bench blockwise-infonce . the blockwise_infonce benchmark (likewise)
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ import importlib.metadata
 import os
 import sys
 
-BENCHMARKS = {"pair-attention": "avfast.bench.av_pair_attention"}
+BENCHMARKS = {
+    "pair-attention": "avfast.bench.av_pair_attention",
+    "blockwise-infonce": "avfast.bench.blockwise_infonce",
+}
 HOST_RUN = {  # what a forced kernel backend does with CPU tensors
     "cuda": "available when forced: the CUDA kernels' code run serially on the host (for tests)",
     "triton": "available when forced: the Triton interpreter (for tests)",

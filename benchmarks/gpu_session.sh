@@ -12,7 +12,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3 | tee "$OUT/build.log"
 python3 -m pytest -q -m cuda -x tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -15
 python3 benchmarks/bench_av_pair_attention.py "$@" 2>&1 | tee "$OUT/bench.log" | tail -40
-for f in benchmarks/results/*/av_pair_attention.*; do
+python3 benchmarks/bench_blockwise_infonce.py "$@" 2>&1 | tee "$OUT/bench-infonce.log" | tail -40
+for f in benchmarks/results/*/av_pair_attention.* benchmarks/results/*/blockwise_infonce.*; do
     case "$f" in *-quick/*) ;; *) cp "$f" "$OUT/";; esac
 done
 ls -l "$OUT"

@@ -11,7 +11,7 @@ import torch
 
 from avfast import _backend
 from avfast.bench import av_pair_attention as bench
-from avfast.bench import common
+from avfast.bench import common, fusion_block
 
 STATUSES = {"ok", "skip", "oom", "error"}
 # Plain-PyTorch eager providers, which must run anywhere.
@@ -40,7 +40,7 @@ def test_quick_cpu_run(quick_run):
     assert all(r["status"] in STATUSES for r in rows)
     assert all((r["status"] == "ok") == (r["error"] is None) for r in rows)
     for op, shapes, providers in ((bench.OP, bench.QUICK_OP_SHAPES, bench.OP_PROVIDERS),
-                                  (bench.BLOCK_OP, bench.QUICK_BLOCK_SHAPES, bench.BLOCK_PROVIDERS)):
+                                  (fusion_block.BLOCK_OP, fusion_block.QUICK_BLOCK_SHAPES, fusion_block.BLOCK_PROVIDERS)):
         for shape in shapes:
             for provider in providers:
                 for mode in common.MODES:

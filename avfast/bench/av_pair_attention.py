@@ -44,8 +44,12 @@ import torch.nn.functional as nnf
 
 from avfast import _backend
 from avfast.bench.common import (
+    DTYPES,
+    default_out_dir,
+    ensure_triton_interpreter,
+    late_interpreter,
+    warm_device,
     MODES,
-    REPO_ROOT,
     Case,
     Timing,
     auto_backend_note,
@@ -61,7 +65,7 @@ from avfast.bench.common import (
     run_provider,
     write_json,
 )
-from avfast.bench.fusion_block import BLOCK_OP, BLOCK_PROVIDERS, GPU_BLOCK_SHAPES, QUICK_BLOCK_SHAPES  # noqa: F401
+from avfast.bench.fusion_block import BLOCK_PROVIDERS, GPU_BLOCK_SHAPES, QUICK_BLOCK_SHAPES
 from avfast.bench.fusion_block import run_case as _block_case
 from avfast.ops import av_pair_attention
 from avfast.reference import av_pair_attention as ref
@@ -227,7 +231,7 @@ def _triton_skip(device: torch.device, dtype: torch.dtype) -> str | None:
     if reason is None and device.type == "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
         return "TRITON_INTERPRET=1: the interpreter is not a benchmark (export TRITON_INTERPRET=0)"
     if reason is None and device.type == "cpu":
-        return _late_interpreter()
+        return late_interpreter()
     return reason
 
 
@@ -364,57 +368,6 @@ def _check_markdown(result: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------- run
 
 
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32}
-
-
-def _late_interpreter() -> str | None:
-    """Why the Triton interpreter cannot run here although TRITON_INTERPRET=1, or None.
-
-    triton decides at decoration time whether a @triton.jit function is interpreted, and
-    its standard library (tl.cdiv, ...) is decorated when triton.language is imported,
-    which ``import avfast`` already does (through torch._dynamo). So TRITON_INTERPRET=1
-    set later leaves compiled-mode library functions that the interpreter cannot call.
-    """
-    if os.environ.get("TRITON_INTERPRET") != "1" or "triton.language" not in sys.modules:
-        return None
-    try:
-        import triton.language.standard as standard
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:
-        return None
-    if isinstance(getattr(standard, "cdiv", None), InterpretedFunction):
-        return None
-    return ("TRITON_INTERPRET=1 was set after triton was imported; set it in the environment "
-            "(TRITON_INTERPRET=1 avfast bench ...)")
-
-
-def _ensure_triton_interpreter(device: torch.device) -> None:
-    """On CPU, Triton kernels run only through the interpreter. Sets TRITON_INTERPRET=1
-    when unset; that works only if triton.language is not imported yet (else see
-    ``_late_interpreter``: the triton rows are then skipped with the reason)."""
-    if device.type == "cpu" and "TRITON_INTERPRET" not in os.environ:
-        os.environ["TRITON_INTERPRET"] = "1"
-        problem = _late_interpreter()
-        print("note: set TRITON_INTERPRET=1 so that the Triton kernels run on CPU (interpreter)"
-              + (f"; but {problem}" if problem else ""))
-
-
-def _warm_device(device: torch.device, dtype: torch.dtype) -> None:
-    """Creates cuBLAS/cuDNN handles and workspaces before the first measured provider."""
-    if device.type != "cuda":
-        return
-    x = torch.randn(4, 2, 64, 64, device=device, dtype=dtype, requires_grad=True)
-    out = nnf.scaled_dot_product_attention(x, x, x) @ x.transpose(-1, -2)
-    torch.autograd.grad(out.sum(), x)
-    torch.cuda.synchronize(device)
-
-
-def default_out_dir(slug: str, quick: bool) -> Path:
-    root = REPO_ROOT if (REPO_ROOT / "benchmarks").is_dir() else Path.cwd()
-    return root / "benchmarks" / "results" / (slug + ("-quick" if quick else ""))
-
-
 def run(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
@@ -444,7 +397,7 @@ def run(
         raise ValueError(f"unknown providers {unknown}; choose from {list(known)}")
     if level not in ("all", "op", "block"):
         raise ValueError(f"level must be 'all', 'op' or 'block', got {level!r}")
-    _ensure_triton_interpreter(device)
+    ensure_triton_interpreter(device)
     env = env_info(device)
     slug = device_slug(env["gpu"])
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(slug, quick)
@@ -476,7 +429,7 @@ def run(
     op_names = [p for p in OP_PROVIDERS if not providers or p in providers]
     block_names = [p for p in BLOCK_PROVIDERS if not providers or p in providers]
 
-    _warm_device(device, dtype)
+    warm_device(device, dtype)
     case_list, results = [], []
     threads = torch.get_num_threads()
     if device.type == "cpu" and quick:

@@ -23,6 +23,7 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as nnf
 
 MODES = ("fwd", "fwd+bwd")
 KINDS = ("plain", "avfast", "other")  # plain PyTorch peer / avfast / third-party kernel
@@ -474,3 +476,57 @@ def plot_payload(payload: dict[str, Any], png_path: Path, title: str | None = No
 def plot_results(json_path: str | os.PathLike, png_path: str | os.PathLike) -> bool:
     """Replots a results JSON written by an ``avfast.bench`` module (no GPU needed)."""
     return plot_payload(json.loads(Path(json_path).read_text()), Path(png_path))
+
+
+# ------------------------------------------------------------------- run plumbing
+
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+
+
+def late_interpreter() -> str | None:
+    """Why the Triton interpreter cannot run here although TRITON_INTERPRET=1, or None.
+
+    triton decides at decoration time whether a @triton.jit function is interpreted, and
+    its standard library (tl.cdiv, ...) is decorated when triton.language is imported,
+    which ``import avfast`` already does (through torch._dynamo). So TRITON_INTERPRET=1
+    set later leaves compiled-mode library functions that the interpreter cannot call.
+    """
+    if os.environ.get("TRITON_INTERPRET") != "1" or "triton.language" not in sys.modules:
+        return None
+    try:
+        import triton.language.standard as standard
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        return None
+    if isinstance(getattr(standard, "cdiv", None), InterpretedFunction):
+        return None
+    return ("TRITON_INTERPRET=1 was set after triton was imported; set it in the environment "
+            "(TRITON_INTERPRET=1 avfast bench ...)")
+
+
+def ensure_triton_interpreter(device: torch.device) -> None:
+    """On CPU, Triton kernels run only through the interpreter. Sets TRITON_INTERPRET=1
+    when unset; that works only if triton.language is not imported yet (else see
+    ``late_interpreter``: the triton rows are then skipped with the reason)."""
+    if device.type == "cpu" and "TRITON_INTERPRET" not in os.environ:
+        os.environ["TRITON_INTERPRET"] = "1"
+        problem = late_interpreter()
+        print("note: set TRITON_INTERPRET=1 so that the Triton kernels run on CPU (interpreter)"
+              + (f"; but {problem}" if problem else ""))
+
+
+def warm_device(device: torch.device, dtype: torch.dtype) -> None:
+    """Creates cuBLAS/cuDNN handles and workspaces before the first measured provider."""
+    if device.type != "cuda":
+        return
+    x = torch.randn(4, 2, 64, 64, device=device, dtype=dtype, requires_grad=True)
+    out = nnf.scaled_dot_product_attention(x, x, x) @ x.transpose(-1, -2)
+    torch.autograd.grad(out.sum(), x)
+    torch.cuda.synchronize(device)
+
+
+def default_out_dir(slug: str, quick: bool) -> Path:
+    root = REPO_ROOT if (REPO_ROOT / "benchmarks").is_dir() else Path.cwd()
+    return root / "benchmarks" / "results" / (slug + ("-quick" if quick else ""))

@@ -36,7 +36,7 @@ def blockwise_infonce(
     losses = []
     for a, v in zip(z_a.to(acc), z_v.to(acc)):
         if a.shape[0] == 0:
-            losses.append(a.sum() * 0)
+            losses.append((a.sum() + v.sum()) * 0)  # keeps both inputs in the graph: zero grads
             continue
         logits = nnf.normalize(v, dim=-1, eps=NORM_EPS) @ nnf.normalize(a, dim=-1, eps=NORM_EPS).T / tau
         target = torch.arange(a.shape[0], device=a.device)

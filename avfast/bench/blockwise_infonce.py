@@ -1,0 +1,516 @@
+"""Benchmark: MA-AVT's blockwise contrastive loss (all K blocks, both directions).
+
+Inputs: unnormalized features z_a, z_v (K, B, d), all samples valid (foreground),
+tau = 0.07, loss = mean over blocks; fwd+bwd differentiates w.r.t. z_a and z_v.
+Providers (all on the same inputs):
+
+  upstream_eager        upstream's formulation: per block F.normalize, the (B, B) logits,
+                        two F.cross_entropy (v->a and a->v), mean over blocks
+  upstream_compiled     the same under torch.compile
+  upstream_cudagraphs   the same under torch.compile(mode="reduce-overhead") (CUDA graphs)
+  inf_cl                Inf-CL's cal_inf_loss (tiled Triton InfoNCE) per block and direction,
+                        on normalized features, when the ``inf_cl`` package is installed
+  avfast_triton         avfast.ops.blockwise_infonce, AVFAST_BACKEND=triton
+  avfast_auto           avfast.ops.blockwise_infonce, automatic backend
+  avfast_cudagraphs     avfast.ops.blockwise_infonce (automatic) under reduce-overhead
+
+Each case runs fwd (under torch.no_grad) and fwd+bwd (torch.autograd.grad of the loss).
+Before timing, a check compares the loss and both feature gradients of every available
+provider, with background samples and reduction="none", against the reference in float64.
+
+Usage: ``python -m avfast.bench.blockwise_infonce [--quick] [--device cpu]`` or
+``python benchmarks/bench_blockwise_infonce.py``; results go to
+benchmarks/results/<device-slug>/blockwise_infonce.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import os
+import sys
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as nnf
+
+from avfast import _backend
+from avfast.bench.common import (
+    DTYPES,
+    default_out_dir,
+    ensure_triton_interpreter,
+    late_interpreter,
+    warm_device,
+    MODES,
+    Case,
+    Timing,
+    auto_backend_note,
+    device_slug,
+    env_info,
+    env_var,
+    markdown,
+    peak_hbm,
+    plot_payload,
+    print_row,
+    reset_compiled_state,
+    result_row,
+    run_provider,
+    write_json,
+)
+from avfast.ops import blockwise_infonce
+from avfast.reference.blockwise_infonce import blockwise_infonce as reference_infonce
+
+OP = "blockwise_infonce"
+BACKEND_OP = "cosine_lse"  # the op family name in avfast._backend
+RESULTS_STEM = "blockwise_infonce"
+TAU = 0.07  # upstream's fixed temperature
+
+# provider -> kind (plain: PyTorch peer; avfast; other: third-party kernels)
+PROVIDERS = {
+    "upstream_eager": "plain",
+    "upstream_compiled": "plain",
+    "upstream_cudagraphs": "plain",
+    "inf_cl": "other",
+    "avfast_triton": "avfast",
+    "avfast_auto": "avfast",
+    "avfast_cudagraphs": "avfast",
+}
+CHECK_PROVIDERS = ("upstream_eager", "inf_cl", "avfast_reference", "avfast_triton", "avfast_auto")
+FORCED_BACKEND = {"avfast_reference": "reference", "avfast_triton": "triton", "avfast_auto": ""}
+
+# dense tensor-core peak (FLOP/s) for the matmul floor, by a substring of the device name
+PEAK_MATMUL_FLOPS = (("h200", 989e12), ("h100 pcie", 756e12), ("h100", 989e12))
+DEFAULT_PEAK_MATMUL = ("H100 SXM (assumed)", 989e12)
+
+
+@dataclass(frozen=True)
+class LossShape:
+    K: int
+    B: int
+    d: int
+
+    @property
+    def name(self) -> str:
+        return f"K{self.K}-B{self.B}-d{self.d}"
+
+
+# MA-AVT (12 blocks, batch 256 per GPU, 512-d projections / 768-d features, and a larger
+# batch), then one block at large batch sizes (the Inf-CL regime).
+GPU_SHAPES = (
+    LossShape(12, 256, 512),
+    LossShape(12, 256, 768),
+    LossShape(12, 1024, 768),
+    LossShape(1, 16384, 768),
+    LossShape(1, 65536, 768),
+    LossShape(1, 262144, 768),
+)
+QUICK_SHAPES = (LossShape(3, 8, 16), LossShape(1, 33, 24))
+CHECK_SHAPE = LossShape(3, 37, 40)
+CHECK_INVALID = (0, 5, 6, 20, 36)  # background samples in the check
+
+
+def hbm_bytes(s: LossShape, elem: int) -> dict[str, int]:
+    """Bytes that must cross HBM at least once (perfect fusion; the (K, B) log-sum-exps
+    and the loss ignored), for floor_ms = bytes / peak_bytes_per_s * 1e3:
+
+        inputs  = z_a + z_v = 2 * K*B*d
+        fwd     = inputs (read)
+        bwd     = inputs (read again) + their gradients (written) = 2 * inputs
+        fwd+bwd = 3 * inputs
+    all times the element size.
+    """
+    inputs = 2 * s.K * s.B * s.d
+    return {"fwd": elem * inputs, "fwd+bwd": elem * 3 * inputs}
+
+
+def matmul_flops(s: LossShape) -> dict[str, int]:
+    """Multiply-add FLOPs of the similarity products, counted 2 per multiply-add:
+
+        fwd     = S = V A^T per block, once for both directions      = 2 K B^2 d
+        bwd     = S recomputed + dV = dS A + dA = dS^T V               = 6 K B^2 d
+        fwd+bwd = 8 K B^2 d
+    """
+    one = 2 * s.K * s.B * s.B * s.d
+    return {"fwd": one, "fwd+bwd": 4 * one}
+
+
+def peak_matmul(name: str) -> tuple[str, float]:
+    lowered = name.lower()
+    for key, flops in PEAK_MATMUL_FLOPS:
+        if key in lowered:
+            return name, flops
+    return DEFAULT_PEAK_MATMUL
+
+
+# ----------------------------------------------------------------------------- providers
+
+
+def upstream_loss(z_a: torch.Tensor, z_v: torch.Tensor, valid: torch.Tensor | None = None,
+                  reduction: str = "mean") -> torch.Tensor:
+    """Upstream's formulation, block by block, in the inputs' dtype: drop background
+    samples, normalize, (B, B) logits / tau, cross-entropy both ways."""
+    losses = []
+    for a, v in zip(z_a.unbind(0), z_v.unbind(0)):
+        if valid is not None:
+            a, v = a[valid], v[valid]
+        logits = nnf.normalize(v, dim=-1) @ nnf.normalize(a, dim=-1).T / TAU
+        target = torch.arange(logits.shape[0], device=logits.device)
+        losses.append((nnf.cross_entropy(logits, target) + nnf.cross_entropy(logits.T, target)) / 2)
+    per_block = torch.stack(losses)
+    return per_block if reduction == "none" else per_block.mean()
+
+
+def inf_cl_loss(z_a: torch.Tensor, z_v: torch.Tensor, valid: torch.Tensor | None = None,
+                reduction: str = "mean") -> torch.Tensor:
+    """Inf-CL's tiled InfoNCE (one direction per call) on normalized features."""
+    from inf_cl import cal_inf_loss
+
+    scale = torch.tensor(1.0 / TAU, device=z_a.device, dtype=torch.float32)
+    losses = []
+    for a, v in zip(z_a.unbind(0), z_v.unbind(0)):
+        if valid is not None:
+            a, v = a[valid], v[valid]
+        a, v = nnf.normalize(a, dim=-1), nnf.normalize(v, dim=-1)
+        losses.append((cal_inf_loss(v, a, scale=scale) + cal_inf_loss(a, v, scale=scale)) / 2)
+    per_block = torch.stack(losses)
+    return per_block if reduction == "none" else per_block.mean()
+
+
+def avfast_loss(z_a: torch.Tensor, z_v: torch.Tensor, valid: torch.Tensor | None = None,
+                reduction: str = "mean") -> torch.Tensor:
+    return blockwise_infonce(z_a, z_v, valid=valid, tau=TAU, reduction=reduction)
+
+
+def _inputs(s: LossShape, device, dtype, seed: int = 0) -> list[torch.Tensor]:
+    """[z_a, z_v] (K, B, d), leaves with requires_grad; z_v correlated with z_a."""
+    g = torch.Generator().manual_seed(seed)
+    z_a = torch.randn(s.K, s.B, s.d, generator=g)
+    z_v = z_a + torch.randn(s.K, s.B, s.d, generator=g)
+    return [t.to(device=device, dtype=dtype).requires_grad_() for t in (z_a, z_v)]
+
+
+def _step(f: Callable, inputs: Sequence[torch.Tensor], mode: str, cudagraphs: bool = False) -> Callable[[], Any]:
+    """One timed call: f(z_a, z_v) under no_grad (fwd), or with autograd.grad of the loss."""
+    mark = torch.compiler.cudagraph_mark_step_begin if cudagraphs else (lambda: None)
+    if mode == "fwd":
+        def step():
+            mark()
+            with torch.no_grad():
+                return f(*inputs)
+    else:
+        def step():
+            mark()
+            return torch.autograd.grad(f(*inputs), inputs)
+    return step
+
+
+def _inf_cl_skip(device: torch.device) -> str | None:
+    if importlib.util.find_spec("inf_cl") is None:
+        return "inf_cl is not installed"
+    if device.type != "cuda":
+        return "Inf-CL's Triton kernels need a CUDA device"
+    return None
+
+
+def _triton_skip(device: torch.device, dtype: torch.dtype) -> str | None:
+    reason = _backend.unavailable_reason("triton", BACKEND_OP, device, dtype)
+    if reason is None and device.type == "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
+        return "TRITON_INTERPRET=1: the interpreter is not a benchmark (export TRITON_INTERPRET=0)"
+    if reason is None and device.type == "cpu":
+        return late_interpreter()
+    return reason
+
+
+def _backend_note(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    if not backend:
+        return auto_backend_note(BACKEND_OP, device, dtype)
+    if device.type == "cpu" and backend == "triton":
+        return "Triton interpreter"
+    return ""
+
+
+def _provider(name: str, device: torch.device, dtype: torch.dtype, inputs, mode: str):
+    """(build, skip reason, note, forced AVFAST_BACKEND) for one provider."""
+    no_graphs = None if device.type == "cuda" else "CUDA graphs need a CUDA device"
+    if name == "upstream_eager":
+        return (lambda: _step(upstream_loss, inputs, mode)), None, "", None
+    if name in ("upstream_compiled", "upstream_cudagraphs", "avfast_cudagraphs"):
+        graphs = name.endswith("cudagraphs")
+        f = avfast_loss if name.startswith("avfast") else upstream_loss
+        kwargs = {"mode": "reduce-overhead"} if graphs else {}
+        if name.startswith("avfast"):
+            kwargs["fullgraph"] = True
+
+        def build():
+            reset_compiled_state()
+            return _step(torch.compile(f, dynamic=False, **kwargs), inputs, mode, graphs)
+
+        note = _backend_note(None, device, dtype) if name.startswith("avfast") else ""
+        forced = "" if name.startswith("avfast") else None
+        return build, (no_graphs if graphs else None), note, forced
+    if name == "inf_cl":
+        return (lambda: _step(inf_cl_loss, inputs, mode)), _inf_cl_skip(device), "", None
+    backend = FORCED_BACKEND[name]
+    if backend == "triton":
+        skip = _triton_skip(device, dtype)
+    else:
+        skip = _backend.unavailable_reason(backend, BACKEND_OP, device, dtype) if backend else None
+    return (lambda: _step(avfast_loss, inputs, mode)), skip, _backend_note(backend, device, dtype), backend
+
+
+def _run_case(s: LossShape, providers, device, dtype, timing, hbm_bw) -> tuple[Case, list]:
+    elem = torch.empty((), dtype=dtype).element_size()
+    case = Case(OP, s.name, asdict(s), hbm_bytes(s, elem))
+    inputs = _inputs(s, device, dtype)
+    results = []
+    for name in providers:
+        for mode in MODES:
+            build, skip, note, forced = _provider(name, device, dtype, inputs, mode)
+            # forced: a backend name to set, "" to unset (automatic choice), None to leave as is
+            env = env_var("AVFAST_BACKEND", forced or None) if forced is not None else nullcontext()
+            with env:
+                results.append(run_provider(case, name, PROVIDERS[name], mode, build, device=device,
+                                            dtype=dtype, timing=timing, skip=skip, note=note, hbm_bw=hbm_bw))
+            print_row(result_row(results[-1], {}))
+    del inputs
+    reset_compiled_state()  # frees this case's CUDA-graph pools
+    return case, results
+
+
+# --------------------------------------------------------------------------------- check
+
+
+def _max_err(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float:
+    return max(float((a.double() - b.double()).abs().max()) for a, b in zip(got, want))
+
+
+def _reference_loss(z_a, z_v, valid=None, reduction="mean"):
+    return reference_infonce(z_a, z_v, valid=valid, tau=TAU, reduction=reduction)
+
+
+def _eval(f, inputs, valid, dout) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    out = f(*inputs, valid=valid, reduction="none")
+    grads = torch.autograd.grad(out, inputs, dout.to(out.dtype))
+    return out.detach(), [g.detach() for g in grads]
+
+
+def check(device: torch.device, dtype: torch.dtype, providers: Sequence[str] = CHECK_PROVIDERS,
+          shape: LossShape = CHECK_SHAPE) -> dict[str, Any]:
+    """Per-block losses (reduction="none", random output gradient) and both feature
+    gradients of every available provider, with background samples, against
+    avfast.reference's literal loss in float64. Bound: 2x the error of upstream's
+    formulation in ``dtype`` plus 10 ulp of ``dtype`` at the reference's magnitude, plus
+    the float32 recompute term of the logits (4 eps32 / tau, relative)."""
+    device = torch.device(device)
+    inputs64 = [t.detach() for t in _inputs(shape, device, torch.float64, seed=123)]
+    valid = torch.ones(shape.B, dtype=torch.bool, device=device)
+    valid[list(CHECK_INVALID)] = False
+    dout = torch.rand(shape.K, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(device)
+    leaves64 = [t.clone().requires_grad_() for t in inputs64]
+    want_out, want_grads = _eval(_reference_loss, leaves64, valid, dout)
+    inputs = [t.to(dtype).requires_grad_() for t in inputs64]
+    plain_out, plain_grads = _eval(upstream_loss, inputs, valid, dout)
+    eps, eps32 = torch.finfo(dtype).eps, torch.finfo(torch.float32).eps
+    mag_out = max(1.0, float(want_out.abs().max()))
+    mag_grad = max(1.0, max(float(t.abs().max()) for t in want_grads))
+    bound_out = 2 * _max_err([plain_out], [want_out]) + (10 * eps + 4 * eps32 / TAU) * mag_out
+    bound_grad = 2 * _max_err(plain_grads, want_grads) + (10 * eps + 4 * eps32 / TAU) * mag_grad
+    print(f"check {OP} vs the reference in float64 ({device}, {str(dtype)[6:]}, {shape.name}, "
+          f"{len(CHECK_INVALID)} background samples):")
+    print(f"  {'provider':<18} {'out err':>10} {'bound':>10} {'grad err':>10} {'bound':>10}  result")
+    entries = []
+    for name in providers:
+        entry = {"provider": name, "out_err": None, "grad_err": None,
+                 "out_bound": bound_out, "grad_bound": bound_grad, "result": "SKIP", "reason": None}
+        backend = FORCED_BACKEND.get(name)
+        if name == "inf_cl":
+            entry["reason"] = _inf_cl_skip(device)
+        elif backend == "triton":
+            entry["reason"] = _triton_skip(device, dtype)
+        elif backend:
+            entry["reason"] = _backend.unavailable_reason(backend, BACKEND_OP, device, dtype)
+        if entry["reason"] is None:
+            f = {"upstream_eager": upstream_loss, "inf_cl": inf_cl_loss}.get(name, avfast_loss)
+            forced = env_var("AVFAST_BACKEND", backend or None) if backend is not None else nullcontext()
+            try:
+                with forced:
+                    out, grads = _eval(f, inputs, valid, dout)
+                entry["out_err"], entry["grad_err"] = _max_err([out], [want_out]), _max_err(grads, want_grads)
+                ok = entry["out_err"] <= bound_out and entry["grad_err"] <= bound_grad
+                entry["result"] = "PASS" if ok else "FAIL"
+            except Exception as err:  # noqa: BLE001
+                entry["reason"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+                entry["result"] = "SKIP" if name == "inf_cl" else "FAIL"  # third-party: may not run here
+        entries.append(entry)
+        if entry["out_err"] is not None:
+            print(f"  {name:<18} {entry['out_err']:10.2e} {bound_out:10.2e} {entry['grad_err']:10.2e} "
+                  f"{bound_grad:10.2e}  {entry['result']}")
+        else:
+            print(f"  {name:<18} {'':>10} {'':>10} {'':>10} {'':>10}  {entry['result']}: {entry['reason']}")
+    passed = all(e["result"] != "FAIL" for e in entries)
+    print(f"  check {'PASSED' if passed else 'FAILED'}", flush=True)
+    return {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "shape": asdict(shape),
+            "invalid": list(CHECK_INVALID), "tau": TAU, "results": entries, "passed": passed}
+
+
+def _check_markdown(result: dict[str, Any]) -> str:
+    lines = [f"## Check ({'PASSED' if result['passed'] else 'FAILED'})", "",
+             f"Per-block losses and the gradients of z_a, z_v vs avfast.reference in float64, {result['dtype']} "
+             f"on {result['device']}, shape `{result['shape']}`, background samples {result['invalid']}; bound = "
+             f"2x the error of upstream's formulation in {result['dtype']} + 10 ulp + the float32 logit term.", "",
+             "| provider | loss err | grad err | result |", "|---|---:|---:|---|"]
+    for e in result["results"]:
+        errs = [f"{e[k]:.2e}" if e[k] is not None else "-" for k in ("out_err", "grad_err")]
+        why = f" ({e['reason']})" if e["reason"] else ""
+        lines.append(f"| {e['provider']} | {errs[0]} | {errs[1]} | {e['result']}{why} |")
+    return "\n".join(lines) + "\n"
+
+
+def _floor_markdown(cases: Sequence[dict[str, Any]]) -> str:
+    lines = ["## Floors", "",
+             "HBM: inputs read (fwd), inputs read twice + gradients written (fwd+bwd). Matmul: 2 K B^2 d "
+             "(fwd), 8 K B^2 d (fwd+bwd) at the dense tensor-core peak (bf16/fp16; TF32 half of it).", "",
+             "| case | fwd HBM µs | fwd+bwd HBM µs | fwd matmul ms | fwd+bwd matmul ms |",
+             "|---|---:|---:|---:|---:|"]
+    for c in cases:
+        hbm, mm = c.get("hbm_floor_ms", {}), c.get("matmul_floor_ms", {})
+        lines.append(f"| {c['name']} | {hbm.get('fwd', 0) * 1e3:.3g} | {hbm.get('fwd+bwd', 0) * 1e3:.3g} | "
+                     f"{mm.get('fwd', 0):.3g} | {mm.get('fwd+bwd', 0):.3g} |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------- run
+
+
+def run(
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    quick: bool = False,
+    out_dir: str | os.PathLike | None = None,
+    providers: Sequence[str] | None = None,
+    cases: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Runs the check and the benchmark; writes <out_dir>/blockwise_infonce.{json,md,png}.
+
+    device: default cuda when available, else cpu. dtype: default bfloat16 (float32 with
+    ``quick``). quick: tiny shapes, few repetitions (the CPU smoke mode). out_dir: default
+    benchmarks/results/<device-slug>[-quick]/. providers: names from PROVIDERS (default
+    all). cases: keep cases whose name contains one of these strings. With providers or
+    cases given, the rows are merged into an existing JSON. Returns the payload written.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if isinstance(dtype, str):
+        dtype = DTYPES[dtype]
+    dtype = dtype or (torch.float32 if quick else torch.bfloat16)
+    unknown = [p for p in providers or () if p not in PROVIDERS]
+    if unknown:
+        raise ValueError(f"unknown providers {unknown}; choose from {list(PROVIDERS)}")
+    ensure_triton_interpreter(device)
+    env = env_info(device)
+    slug = device_slug(env["gpu"])
+    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(slug, quick)
+    hbm_label, hbm_bw = peak_hbm(env["gpu"])
+    mm_label, mm_flops = peak_matmul(env["gpu"])
+    if dtype == torch.float32:
+        mm_flops /= 2  # TF32
+
+    notes = ["All samples valid (no background) in the timed cases; tau = 0.07; loss = mean over blocks; "
+             "fwd+bwd is the gradient of that scalar loss w.r.t. z_a and z_v."]
+    if device.type != "cuda":
+        notes.append("CPU run: a smoke check of the kernels and the harness. These timings are NOT the GPU "
+                     "benchmark (Triton runs interpreted).")
+    if quick:
+        notes.append("--quick: tiny shapes and few repetitions"
+                     + (", one CPU thread." if device.type == "cpu" else "."))
+    banner = "=" * 88
+    print(banner)
+    print(f"avfast bench blockwise-infonce: {env['gpu']} ({device}), {str(dtype)[6:]}, torch {env['torch']}, "
+          f"triton {env['triton']}, commit {env['commit']}")
+    for n in notes:
+        print("NOTE: " + n)
+    print(banner, flush=True)
+
+    check_result = check(device, dtype)
+
+    if device.type == "cuda":
+        timing = Timing(warmup_calls=3, warmup_ms=10, rep_ms=30) if quick else Timing(3, 50, 200)
+    else:
+        timing = Timing(warmup_calls=1, cpu_reps=3) if quick else Timing(warmup_calls=2, cpu_reps=10)
+    shapes = [s for s in (QUICK_SHAPES if quick else GPU_SHAPES) if not cases or any(c in s.name for c in cases)]
+    names = [p for p in PROVIDERS if not providers or p in providers]
+
+    warm_device(device, dtype)
+    case_list, results = [], []
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and quick:
+        torch.set_num_threads(1)  # tiny shapes: idle intra-op threads only add scheduler stalls
+    try:
+        for s in shapes:
+            case, res = _run_case(s, names, device, dtype, timing, hbm_bw)
+            case_list.append(case)
+            results += res
+    finally:
+        torch.set_num_threads(threads)
+        reset_compiled_state()
+
+    def case_entry(c: Case) -> dict[str, Any]:
+        flops = matmul_flops(LossShape(**c.shape))
+        return {"op": c.op, "name": c.name, "shape": c.shape, "hbm_bytes": c.hbm_bytes,
+                "hbm_bandwidth_label": hbm_label, "hbm_bytes_per_s": hbm_bw,
+                "hbm_floor_ms": {m: b / hbm_bw * 1e3 for m, b in c.hbm_bytes.items()},
+                "matmul_flops": flops, "matmul_peak_label": mm_label, "matmul_flops_per_s": mm_flops,
+                "matmul_floor_ms": {m: f / mm_flops * 1e3 for m, f in flops.items()}}
+
+    payload = {
+        "metadata": {
+            **env, "device": str(device), "device_slug": slug, "dtype": str(dtype).removeprefix("torch."),
+            "quick": quick, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "timing": asdict(timing), "tau": TAU, "notes": notes, "providers": PROVIDERS,
+        },
+        "check": check_result,
+        "cases": [case_entry(c) for c in case_list],
+        "rows": [result_row(r, env) for r in results],
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / f"{RESULTS_STEM}.json"
+    payload = write_json(json_path, payload, merge=bool(providers or cases))
+    md_path = out_dir / f"{RESULTS_STEM}.md"
+    md_path.write_text(markdown(payload, f"{OP}: avfast vs plain PyTorch") + "\n"
+                       + _floor_markdown(payload["cases"]) + "\n" + _check_markdown(check_result))
+    png_path = out_dir / f"{RESULTS_STEM}.png"
+    plotted = plot_payload(payload, png_path)
+    print(f"wrote {json_path}\nwrote {md_path}" + (f"\nwrote {png_path}" if plotted else ""))
+    if device.type != "cuda":
+        print("NOTE: CPU timings above are a smoke check, not the GPU benchmark.")
+    print(f"check {'PASSED' if check_result['passed'] else 'FAILED'}", flush=True)
+    return payload
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry; returns 1 when the check fails."""
+    parser = argparse.ArgumentParser(
+        prog="avfast bench blockwise-infonce",
+        description="Benchmark the blockwise contrastive loss (MA-AVT) against plain PyTorch peers and Inf-CL "
+                    "(JSON + Markdown + PNG). On a machine without a GPU use --quick: a check against the "
+                    "reference and a smoke run of the harness, not a benchmark.",
+    )
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default bf16 (fp32 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions, fp32")
+    parser.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device-slug>/)")
+    parser.add_argument("--providers", default=None, help="comma-separated subset of: " + ",".join(PROVIDERS))
+    parser.add_argument("--cases", default=None, help="comma-separated substrings of case names, e.g. K12-B256")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731
+    payload = run(device=args.device, dtype=args.dtype, quick=args.quick, out_dir=args.out,
+                  providers=split(args.providers), cases=split(args.cases))
+    return 0 if payload["check"]["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
