@@ -69,16 +69,26 @@ def info() -> int:
     return 0
 
 
-def bench(name: str, args: list[str]) -> int:
-    import torch
+def _device_arg(args: list[str]) -> str | None:
+    for i, arg in enumerate(args):
+        if arg == "--device" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--device="):
+            return arg.split("=", 1)[1]
+    return None
 
-    if not torch.cuda.is_available():
+
+def bench(name: str, args: list[str]) -> int:
+    import torch  # does not import triton
+
+    device = _device_arg(args)
+    if device is None and not torch.cuda.is_available():
+        print("No CUDA GPU: running the CPU kernel-vs-reference check (quick mode); "
+              "its timings are not the GPU benchmark.")
+        device, args = "cpu", ["--device", "cpu", "--quick", *args]
+    if device is not None and device.startswith("cpu"):
         # Triton kernels run through the interpreter on CPU; set before triton loads them
         os.environ.setdefault("TRITON_INTERPRET", "1")
-        if "--device" not in args:
-            print("No CUDA GPU: running the CPU kernel-vs-reference check (quick mode); "
-                  "its timings are not the GPU benchmark.")
-            args = ["--device", "cpu", "--quick", *args]
     module = importlib.import_module(BENCHMARKS[name])
     return module.main(args) or 0
 

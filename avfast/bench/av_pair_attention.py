@@ -28,7 +28,6 @@ Usage: ``python -m avfast.bench.av_pair_attention [--quick] [--device cpu]`` or
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import importlib.util
 import os
@@ -44,6 +43,9 @@ import torch.nn.functional as nnf
 
 from avfast import _backend
 from avfast.bench.common import (
+    bench_parser,
+    split_list,
+    write_results,
     DTYPES,
     default_out_dir,
     ensure_triton_interpreter,
@@ -56,14 +58,11 @@ from avfast.bench.common import (
     device_slug,
     env_info,
     env_var,
-    markdown,
     peak_hbm,
-    plot_payload,
     print_row,
     reset_compiled_state,
     result_row,
     run_provider,
-    write_json,
 )
 from avfast.bench.fusion_block import BLOCK_PROVIDERS, GPU_BLOCK_SHAPES, QUICK_BLOCK_SHAPES
 from avfast.bench.fusion_block import run_case as _block_case
@@ -467,40 +466,23 @@ def run(
         "cases": [case_entry(c) for c in case_list],
         "rows": [result_row(r, env) for r in results],
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / f"{RESULTS_STEM}.json"
-    payload = write_json(json_path, payload, merge=bool(providers or cases or level != "all"))
-    md_path = out_dir / f"{RESULTS_STEM}.md"
-    md_path.write_text(markdown(payload, f"{OP}: avfast vs plain PyTorch") + "\n" + _check_markdown(check_result))
-    png_path = out_dir / f"{RESULTS_STEM}.png"
-    plotted = plot_payload(payload, png_path)
-    print(f"wrote {json_path}\nwrote {md_path}" + (f"\nwrote {png_path}" if plotted else ""))
-    if device.type != "cuda":
-        print("NOTE: CPU timings above are a smoke check, not the GPU benchmark.")
-    print(f"kernel check {'PASSED' if check_result['passed'] else 'FAILED'}", flush=True)
-    return payload
+    return write_results(payload, out_dir, RESULTS_STEM, f"{OP}: avfast vs plain PyTorch", _check_markdown(check_result),
+                         device, merge=bool(providers or cases or level != "all"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry (``avfast bench pair-attention``); returns 1 when the kernel check fails."""
-    parser = argparse.ArgumentParser(
-        prog="avfast bench pair-attention",
-        description="Benchmark av_pair_attention and the dense fusion block against plain PyTorch peers "
-                    "(JSON + Markdown + PNG). On a machine without a GPU use --quick: a kernel check and a "
-                    "smoke run of the harness, not a benchmark.",
+    parser = bench_parser(
+        "avfast bench pair-attention",
+        "Benchmark av_pair_attention and the dense fusion block against plain PyTorch peers "
+        "(JSON + Markdown + PNG). On a machine without a GPU use --quick: a kernel check and a "
+        "smoke run of the harness, not a benchmark.",
+        [*OP_PROVIDERS, *BLOCK_PROVIDERS], "B64-Na96",
     )
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default bf16 (fp32 with --quick)")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions, fp32")
-    parser.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device-slug>/)")
-    parser.add_argument("--providers", default=None,
-                        help="comma-separated subset of: " + ",".join([*OP_PROVIDERS, *BLOCK_PROVIDERS]))
-    parser.add_argument("--cases", default=None, help="comma-separated substrings of case names, e.g. B64-Na96")
     parser.add_argument("--level", default="all", choices=("all", "op", "block"))
     args = parser.parse_args(list(argv) if argv is not None else None)
-    split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731
     payload = run(device=args.device, dtype=args.dtype, quick=args.quick, out_dir=args.out,
-                  providers=split(args.providers), cases=split(args.cases), level=args.level)
+                  providers=split_list(args.providers), cases=split_list(args.cases), level=args.level)
     return 0 if payload["check"]["passed"] else 1
 
 

@@ -25,7 +25,6 @@ benchmarks/results/<device-slug>/blockwise_infonce.{json,md,png}.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import importlib.util
 import os
@@ -41,6 +40,9 @@ import torch.nn.functional as nnf
 
 from avfast import _backend
 from avfast.bench.common import (
+    bench_parser,
+    split_list,
+    write_results,
     DTYPES,
     default_out_dir,
     ensure_triton_interpreter,
@@ -53,14 +55,11 @@ from avfast.bench.common import (
     device_slug,
     env_info,
     env_var,
-    markdown,
     peak_hbm,
-    plot_payload,
     print_row,
     reset_compiled_state,
     result_row,
     run_provider,
-    write_json,
 )
 from avfast.ops import blockwise_infonce
 from avfast.reference.blockwise_infonce import blockwise_infonce as reference_infonce
@@ -476,39 +475,23 @@ def run(
         "cases": [case_entry(c) for c in case_list],
         "rows": [result_row(r, env) for r in results],
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / f"{RESULTS_STEM}.json"
-    payload = write_json(json_path, payload, merge=bool(providers or cases))
-    md_path = out_dir / f"{RESULTS_STEM}.md"
-    md_path.write_text(markdown(payload, f"{OP}: avfast vs plain PyTorch") + "\n"
-                       + _floor_markdown(payload["cases"]) + "\n" + _check_markdown(check_result))
-    png_path = out_dir / f"{RESULTS_STEM}.png"
-    plotted = plot_payload(payload, png_path)
-    print(f"wrote {json_path}\nwrote {md_path}" + (f"\nwrote {png_path}" if plotted else ""))
-    if device.type != "cuda":
-        print("NOTE: CPU timings above are a smoke check, not the GPU benchmark.")
-    print(f"check {'PASSED' if check_result['passed'] else 'FAILED'}", flush=True)
-    return payload
+    return write_results(payload, out_dir, RESULTS_STEM, f"{OP}: avfast vs plain PyTorch",
+                         _floor_markdown(payload["cases"]) + "\n" + _check_markdown(check_result),
+                         device, merge=bool(providers or cases))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry; returns 1 when the check fails."""
-    parser = argparse.ArgumentParser(
-        prog="avfast bench blockwise-infonce",
-        description="Benchmark the blockwise contrastive loss (MA-AVT) against plain PyTorch peers and Inf-CL "
-                    "(JSON + Markdown + PNG). On a machine without a GPU use --quick: a check against the "
-                    "reference and a smoke run of the harness, not a benchmark.",
+    parser = bench_parser(
+        "avfast bench blockwise-infonce",
+        "Benchmark the blockwise contrastive loss (MA-AVT) against plain PyTorch peers and Inf-CL "
+        "(JSON + Markdown + PNG). On a machine without a GPU use --quick: a check against the "
+        "reference and a smoke run of the harness, not a benchmark.",
+        PROVIDERS, "K12-B256",
     )
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default bf16 (fp32 with --quick)")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions, fp32")
-    parser.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device-slug>/)")
-    parser.add_argument("--providers", default=None, help="comma-separated subset of: " + ",".join(PROVIDERS))
-    parser.add_argument("--cases", default=None, help="comma-separated substrings of case names, e.g. K12-B256")
     args = parser.parse_args(list(argv) if argv is not None else None)
-    split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731
     payload = run(device=args.device, dtype=args.dtype, quick=args.quick, out_dir=args.out,
-                  providers=split(args.providers), cases=split(args.cases))
+                  providers=split_list(args.providers), cases=split_list(args.cases))
     return 0 if payload["check"]["passed"] else 1
 
 

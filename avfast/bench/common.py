@@ -530,3 +530,40 @@ def warm_device(device: torch.device, dtype: torch.dtype) -> None:
 def default_out_dir(slug: str, quick: bool) -> Path:
     root = REPO_ROOT if (REPO_ROOT / "benchmarks").is_dir() else Path.cwd()
     return root / "benchmarks" / "results" / (slug + ("-quick" if quick else ""))
+
+
+def write_results(payload: dict, out_dir: Path, stem: str, title: str, extra_markdown: str,
+                  device: torch.device, merge: bool) -> dict:
+    """Writes <stem>.json (merged into an existing file when ``merge``), .md and .png under
+    out_dir, prints where, and returns the payload as written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / f"{stem}.json"
+    payload = write_json(json_path, payload, merge=merge)
+    md_path = out_dir / f"{stem}.md"
+    md_path.write_text(markdown(payload, title) + "\n" + extra_markdown)
+    png_path = out_dir / f"{stem}.png"
+    plotted = plot_payload(payload, png_path)
+    print(f"wrote {json_path}\nwrote {md_path}" + (f"\nwrote {png_path}" if plotted else ""))
+    if device.type != "cuda":
+        print("NOTE: CPU timings above are a smoke check, not the GPU benchmark.")
+    print(f"kernel check {'PASSED' if payload['check']['passed'] else 'FAILED'}", flush=True)
+    return payload
+
+
+def bench_parser(prog: str, description: str, providers: Sequence[str], case_example: str):
+    """The arguments every benchmark takes: --device --dtype --quick --out --providers --cases."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default bf16 (fp32 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions, fp32")
+    parser.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device-slug>/)")
+    parser.add_argument("--providers", default=None, help="comma-separated subset of: " + ",".join(providers))
+    parser.add_argument("--cases", default=None, help=f"comma-separated substrings of case names, e.g. {case_example}")
+    return parser
+
+
+def split_list(text: str | None) -> list[str] | None:
+    """'a, b' -> ['a', 'b']; None or '' -> None."""
+    return [x.strip() for x in text.split(",") if x.strip()] if text else None
