@@ -32,21 +32,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from avfast.ops import blockwise_infonce, cosine_lse
-from avfast.ops.blockwise_infonce import check_reduction, infonce_from_lse, reduce_blocks
+from avfast.ops.blockwise_infonce import check_blockwise_inputs, check_reduction, infonce_from_lse, reduce_blocks
 
 Reduction = Literal["mean", "sum", "none"]
-
-
-def _check_features(where: str, z_a: Tensor, z_v: Tensor, valid: Tensor | None) -> None:
-    if z_a.dim() != 3:
-        raise ValueError(f"{where}: z_a must be (K, B, d), got {tuple(z_a.shape)}")
-    if z_v.shape != z_a.shape:
-        raise ValueError(f"{where}: z_v must be (K, B, d) = {tuple(z_a.shape)} like z_a, got {tuple(z_v.shape)}")
-    if valid is not None:
-        if valid.shape != (z_a.shape[1],):
-            raise ValueError(f"{where}: valid must be (B,) = ({z_a.shape[1]},), got {tuple(valid.shape)}")
-        if valid.dtype != torch.bool:
-            raise TypeError(f"{where}: valid must be bool (False = background sample), got {valid.dtype}")
 
 
 def _world(group) -> int:
@@ -85,8 +73,7 @@ def gathered_blockwise_infonce(
     an initialized process group, or with one rank, this is ``avfast.ops.blockwise_infonce``.
     """
     where = "gathered_blockwise_infonce"
-    _check_features(where, z_a, z_v, valid)
-    check_reduction(reduction, where)
+    check_blockwise_inputs(z_a, z_v, valid, reduction, where)
     world = _world(group)
     if world == 1:
         return blockwise_infonce(z_a, z_v, valid=valid, tau=tau, reduction=reduction)

@@ -188,6 +188,16 @@ def check_reduction(reduction, op: str) -> None:
         raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
+def check_blockwise_inputs(z_a, z_v, valid, reduction, op: str) -> None:
+    """Checks of blockwise_infonce's arguments; errors name ``op`` and the argument."""
+    _check_features("z_a", z_a, op)
+    _check_features("z_v", z_v, op)
+    if z_v.shape != z_a.shape:
+        raise ValueError(f"{op}: z_v must be (K, B, d) = {tuple(z_a.shape)} like z_a, got {tuple(z_v.shape)}")
+    _check_valid("valid", valid, z_a.shape[1], z_a, op)
+    check_reduction(reduction, op)
+
+
 def blockwise_infonce(
     z_a: Tensor,
     z_v: Tensor,
@@ -211,13 +221,7 @@ def blockwise_infonce(
     Memory O(K B d): the B x B logits are never stored. Single process; for negatives
     across ranks see avfast.nn.BlockwiseContrastiveLoss.
     """
-    op = "blockwise_infonce"
-    _check_features("z_a", z_a, op)
-    _check_features("z_v", z_v, op)
-    if z_v.shape != z_a.shape:
-        raise ValueError(f"{op}: z_v must be (K, B, d) = {tuple(z_a.shape)} like z_a, got {tuple(z_v.shape)}")
-    _check_valid("valid", valid, z_a.shape[1], z_a, op)
-    check_reduction(reduction, op)
+    check_blockwise_inputs(z_a, z_v, valid, reduction, "blockwise_infonce")
     lse_va, lse_av, diag = cosine_lse(z_v, z_a, tau=tau, valid_row=valid, valid_col=valid)
     n_valid = z_a.shape[1] if valid is None else valid.sum()
     return reduce_blocks(infonce_from_lse(lse_va, lse_av, diag, valid, n_valid), reduction)
