@@ -51,8 +51,8 @@ def av_adapter_attention_fwd(
     s = v @ a.transpose(1, 2) * scale  # (N, Lv, La)
     lse_v = torch.logsumexp(s, dim=-1)
     lse_a = torch.logsumexp(s, dim=-2)
-    o_v = torch.exp(s - lse_v[..., None]) @ a
-    o_a = torch.exp(s - lse_a[:, None, :]).transpose(1, 2) @ v
+    o_v = torch.softmax(s, dim=-1) @ a
+    o_a = torch.softmax(s, dim=-2).transpose(1, 2) @ v
     out_a = (a + gate_a.to(acc)[:, None, None] * o_a).to(h_a.dtype)
     out_v = (v + gate_v.to(acc)[:, None, None] * o_v).to(h_v.dtype)
     return tuple(t.contiguous() for t in (out_a, out_v, o_a, o_v, lse_a, lse_v))

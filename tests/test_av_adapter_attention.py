@@ -1,0 +1,160 @@
+"""av_adapter_attention: every backend against the literal two-attention reference."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from avfast import _backend
+from avfast.ops import av_adapter_attention
+from avfast.reference import av_adapter_attention as ref
+
+OP = "av_adapter_attention"
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (N, La, Lv, r): ViT-B/16, ViT-L/14, Swin windows with r = D/2 and D/16, L=1, r=8, r=80
+SHAPES = [(2, 49, 197, 48), (1, 64, 257, 64), (2, 49, 49, 384), (3, 49, 49, 8), (3, 1, 1, 8), (2, 7, 13, 80)]
+
+
+def fresh_seed() -> int:
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    return seed
+
+
+@pytest.fixture(params=["reference", "triton", "cuda"])
+def backend(request, monkeypatch):
+    """Forces one backend (cuda on CPU tensors = host execution of the CUDA kernels)."""
+    monkeypatch.setenv("AVFAST_BACKEND", request.param)
+    return request.param
+
+
+def skip_unless_available(backend: str, device: str, dtype: torch.dtype) -> None:
+    reason = _backend.unavailable_reason(backend, OP, torch.device(device), dtype)
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def tolerance(low: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype, score_max: float = 0.0) -> float:
+    """Twice plain torch's error in the same dtype, plus a few roundings of the magnitude,
+    plus the backward's recompute term: exp(S - lse) carries the fp32 rounding of scores
+    up to score_max as a relative error (as in FlashAttention)."""
+    magnitude = max(1.0, exact.abs().max().item())
+    recompute = 4 * torch.finfo(torch.float32).eps * score_max * magnitude
+    return 2 * max_err(low, exact) + 8 * torch.finfo(dtype).eps * magnitude + recompute
+
+
+def make_inputs(shape, dtype, device, gates: str):
+    N, La, Lv, r = shape
+    h_a = torch.randn(N, La, r + 3, device=device, dtype=dtype)[..., 2:r + 2]  # non-contiguous
+    h_v = torch.randn(N, r, Lv, device=device, dtype=dtype).transpose(1, 2)  # non-contiguous
+    if gates == "scalar":
+        g_a, g_v = torch.randn((), device=device), torch.randn(1, device=device)
+    elif gates == "zero":  # upstream's initial value
+        g_a, g_v = torch.zeros(1, device=device), torch.zeros(1, device=device)
+    else:
+        g_a, g_v = torch.randn(N, device=device), torch.randn(N, device=device)
+    return h_a, h_v, g_a, g_v
+
+
+def run(fn, h_a, h_v, g_a, g_v, scale, douts=None):
+    leaves = [t.detach().requires_grad_() for t in (h_a, h_v, g_a, g_v)]
+    outs = fn(*leaves, scale=scale)
+    if douts is None:
+        douts = [torch.randn(o.shape, dtype=torch.float64, device=o.device) for o in outs]
+    grads = torch.autograd.grad(outs, leaves, [d.to(o.dtype) for d, o in zip(douts, outs)])
+    return outs, grads, douts
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("gates, scale", [("frame", None), ("scalar", 0.125), ("zero", None)])
+def test_forward_backward_match_literal(backend, device, dtype, shape, gates, scale):
+    skip_unless_available(backend, device, dtype)
+    seed = fresh_seed()
+    h_a, h_v, g_a, g_v = make_inputs(shape, dtype, device, gates)
+    # output gradients representable in the dtype, so that every run sees the same ones
+    douts = [torch.randn(h.shape, device=device).to(dtype).double() for h in (h_a, h_v)]
+    exact, exact_grads, _ = run(ref.av_adapter_attention_literal, h_a.double(), h_v.double(),
+                                g_a.double(), g_v.double(), scale, douts)
+    # plain torch entirely in the inputs' dtype (fp32 gates would promote its outputs)
+    plain, plain_grads, _ = run(ref.av_adapter_attention_literal, h_a, h_v, g_a.to(dtype), g_v.to(dtype), scale, douts)
+    got, grads, _ = run(av_adapter_attention, h_a, h_v, g_a, g_v, scale, douts)
+    for name, o, p, e in zip(["h_a'", "h_v'"], got, plain, exact):
+        assert o.dtype == dtype and o.shape == e.shape
+        assert max_err(o, e) <= tolerance(p, e, dtype), f"seed {seed}: {name} err {max_err(o, e)}"
+    score_max = (h_v.double() @ h_a.double().transpose(1, 2)).abs().max().item() * (scale or 1.0)
+    # a gate's gradient sums dout * o over a frame: each term may carry a few roundings
+    o_a, o_v = ref.av_adapter_attention_fwd(h_a.double(), h_v.double(), g_a.double().expand(shape[0]),
+                                            g_v.double().expand(shape[0]), scale or 1.0)[2:4]
+    term_sums = [(d * o).abs().sum().item() for d, o in zip(douts, (o_a, o_v))]
+    for name, g, p, e in zip(["h_a", "h_v", "gate_a", "gate_v"], grads, plain_grads, exact_grads):
+        assert g.shape == e.shape, name
+        tol = tolerance(p, e, dtype, score_max)
+        if name.startswith("gate"):
+            tol += 4 * torch.finfo(dtype).eps * term_sums[name == "gate_v"]
+        assert max_err(g, e) <= tol, f"seed {seed}: grad {name} err {max_err(g, e)} > {tol}"
+
+
+def test_gradcheck_float64():
+    fresh_seed()
+    h_a, h_v, g_a, g_v = make_inputs((2, 3, 5, 4), torch.float64, "cpu", "frame")
+    args = [t.double().requires_grad_() for t in (h_a, h_v, g_a, g_v)]
+    assert torch.autograd.gradcheck(lambda a, v, ga, gv: av_adapter_attention(a, v, ga, gv, scale=0.5), args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck(backend, device, dtype):
+    skip_unless_available(backend, device, dtype)
+    fresh_seed()
+    h_a, h_v, g_a, g_v = make_inputs((3, 5, 18, 16), dtype, device, "frame")
+    args = (h_a.requires_grad_(), h_v.requires_grad_(), g_a.to(h_a.dtype).requires_grad_(),
+            g_v.to(h_a.dtype).requires_grad_(), 0.5)
+    torch.library.opcheck(torch.ops.avfast.av_adapter_attention.default, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph(backend, device):
+    skip_unless_available(backend, device, torch.float32)
+    fresh_seed()
+    inputs = make_inputs((3, 5, 18, 16), torch.float32, device, "scalar")
+
+    def step(h_a, h_v, g_a, g_v):
+        out_a, out_v = av_adapter_attention(h_a, h_v, g_a, g_v)
+        return out_a.square().sum() + out_v.square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    eager = [t.detach().requires_grad_() for t in inputs]
+    comp = [t.detach().requires_grad_() for t in inputs]
+    step(*eager).backward()
+    compiled(*comp).backward()
+    for a, b in zip(eager, comp):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name, bad, error, match",
+    [
+        ("h_a", torch.randn(4, 9), ValueError, r"h_a must be a non-empty \(N, La, r\) = \(\*, \*, \*\), got \(4, 9\)"),
+        ("h_v", torch.randn(4, 21, 8), ValueError, r"h_v must be a non-empty \(N, Lv, r\) = \(4, \*, 16\), got \(4, 21, 8\)"),
+        ("h_v", torch.randn(3, 21, 16), ValueError, r"h_v must be a non-empty \(N, Lv, r\) = \(4, \*, 16\), got \(3, 21, 16\)"),
+        ("h_v", torch.randn(4, 21, 16, dtype=torch.float64), TypeError, r"h_v must have h_a's dtype torch.float32"),
+        ("gate_a", torch.zeros(3), ValueError, r"gate_a must have shape \(\), \(1,\) or \(N,\) = \(4,\), got \(3,\)"),
+        ("gate_v", 0.5, TypeError, r"gate_v must be a Tensor"),
+        ("gate_v", torch.zeros(1, dtype=torch.int64), TypeError, r"gate_v must be a float tensor"),
+    ],
+)
+def test_bad_inputs_name_the_argument(name, bad, error, match):
+    args = dict(h_a=torch.randn(4, 9, 16), h_v=torch.randn(4, 21, 16), gate_a=torch.zeros(1), gate_v=torch.zeros(1))
+    args[name] = bad
+    with pytest.raises(error, match=match):
+        av_adapter_attention(args["h_a"], args["h_v"], args["gate_a"], args["gate_v"])
