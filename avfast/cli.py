@@ -4,6 +4,7 @@
     avfast bench pair-attention ...  the av_pair_attention benchmark (a kernel-vs-reference
                                      check on CPU when no GPU is present)
     avfast bench blockwise-infonce . the blockwise_infonce benchmark (likewise)
+    avfast bench av-adapter ...      the STG-CMA AV-Adapter benchmark (likewise)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 BENCHMARKS = {
     "pair-attention": "avfast.bench.av_pair_attention",
     "blockwise-infonce": "avfast.bench.blockwise_infonce",
+    "av-adapter": "avfast.bench.av_adapter",
 }
 HOST_RUN = {  # what a forced kernel backend does with CPU tensors
     "cuda": "available when forced: the CUDA kernels' code run serially on the host (for tests)",

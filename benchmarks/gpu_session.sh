@@ -13,7 +13,8 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3 | t
 python3 -m pytest -q -m cuda -x tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -15
 python3 benchmarks/bench_av_pair_attention.py "$@" 2>&1 | tee "$OUT/bench.log" | tail -40
 python3 benchmarks/bench_blockwise_infonce.py "$@" 2>&1 | tee "$OUT/bench-infonce.log" | tail -40
-for f in benchmarks/results/*/av_pair_attention.* benchmarks/results/*/blockwise_infonce.*; do
+python3 benchmarks/bench_av_adapter.py "$@" 2>&1 | tee "$OUT/bench-av-adapter.log" | tail -40
+for f in benchmarks/results/*/av_pair_attention.* benchmarks/results/*/blockwise_infonce.* benchmarks/results/*/av_adapter.*; do
     case "$f" in *-quick/*) ;; *) cp "$f" "$OUT/";; esac
 done
 ls -l "$OUT"

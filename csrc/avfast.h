@@ -51,4 +51,35 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> av
                  scale);
 }
 
+// (out_a, out_v, o_a, o_v, lse_a, lse_v); h_a (N, La, r), h_v (N, Lv, r), gates (N,) fp32.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+av_adapter_attention_fwd(const at::Tensor& h_a, const at::Tensor& h_v, const at::Tensor& gate_a,
+                         const at::Tensor& gate_v, double scale) {
+  (void)library_name();
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("avfast_C::av_adapter_attention_fwd", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                         at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, double)>();
+  return op.call(h_a, h_v, gate_a, gate_v, scale);
+}
+
+// (dh_a, dh_v, dgate_a, dgate_v) from the forward's residuals (o_a, o_v, lse_a, lse_v).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> av_adapter_attention_bwd(
+    const at::Tensor& dout_a, const at::Tensor& dout_v, const at::Tensor& h_a,
+    const at::Tensor& h_v, const at::Tensor& gate_a, const at::Tensor& gate_v,
+    const at::Tensor& o_a, const at::Tensor& o_v, const at::Tensor& lse_a,
+    const at::Tensor& lse_v, double scale) {
+  (void)library_name();
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("avfast_C::av_adapter_attention_bwd", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, double)>();
+  return op.call(dout_a, dout_v, h_a, h_v, gate_a, gate_v, o_a, o_v, lse_a, lse_v, scale);
+}
+
 }  // namespace avfast

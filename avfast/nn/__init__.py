@@ -1,6 +1,17 @@
 """Drop-in nn.Modules built on avfast.ops."""
 
+from avfast.nn.adapters import Adapter, AVAdapter, STGCMABlockAdapters, TemporalAdapter, frozen_attention
 from avfast.nn.contrastive import BlockwiseContrastiveLoss, gathered_blockwise_infonce
 from avfast.nn.fusion import DenseAVFusionBlock, FactorizedAVFusionBlock
 
-__all__ = ["BlockwiseContrastiveLoss", "DenseAVFusionBlock", "FactorizedAVFusionBlock", "gathered_blockwise_infonce"]
+__all__ = [
+    "AVAdapter",
+    "Adapter",
+    "BlockwiseContrastiveLoss",
+    "DenseAVFusionBlock",
+    "FactorizedAVFusionBlock",
+    "STGCMABlockAdapters",
+    "TemporalAdapter",
+    "frozen_attention",
+    "gathered_blockwise_infonce",
+]
