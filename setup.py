@@ -6,7 +6,7 @@ pure-Python package (Triton and reference backends only).
 
 Environment:
   AVFAST_BUILD_CUDA=0     do not build the extension
-  TORCH_CUDA_ARCH_LIST    target architectures (default "9.0", i.e. sm_90 / H100)
+  TORCH_CUDA_ARCH_LIST    target architectures (default "8.0;9.0": A100 and H100)
   MAX_JOBS                parallel compile jobs (ninja)
   CUDA_HOME               CUDA toolkit; if unset, found from nvcc on PATH or /usr/local/cuda
 
@@ -80,7 +80,7 @@ def _cuda_extension():
         return [], {}
     # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
     os.environ["CUDA_HOME"] = cuda_home
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     try:
         import torch
     except ImportError:

@@ -13,8 +13,10 @@ raises and says why, while the automatic choice falls back silently.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import re
 
 import torch
 
@@ -37,6 +39,20 @@ def _has_c_op(op: str) -> bool:
     return _C is not None and hasattr(torch.ops.avfast_C, f"{op}_fwd")
 
 
+@functools.cache
+def _built_for(device: torch.device) -> bool:
+    """Whether avfast._C holds code for this GPU (an exact sm, or PTX of an older one)."""
+    have = torch.cuda.get_device_capability(device)
+    for arch in re.split(r"[;, ]+", _C.cuda_arch_list().strip()):
+        found = re.match(r"(\d+)\.(\d+)", arch)
+        if found is None:
+            continue
+        built = (int(found.group(1)), int(found.group(2)))
+        if built == have or (arch.endswith("+PTX") and built <= have):
+            return True
+    return False
+
+
 def unavailable_reason(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> str | None:
     """Why ``backend`` cannot run ``op`` on (device, dtype); None when it can."""
     if backend == "reference":
@@ -50,6 +66,10 @@ def unavailable_reason(backend: str, op: str, device: torch.device, dtype: torch
             return f"avfast._C has no kernel for {op}"
         if device.type == "cuda" and not _C.built_with_cuda():
             return "avfast._C was built without CUDA"
+        if device.type == "cuda" and not _built_for(device):
+            major, minor = torch.cuda.get_device_capability(device)
+            return (f"avfast._C was built for sm {_C.cuda_arch_list()}, not this GPU's {major}.{minor} "
+                    "(rebuild with TORCH_CUDA_ARCH_LIST)")
         if device.type not in ("cuda", "cpu"):
             return f"no cuda kernel for device {device}"
         return None
@@ -80,3 +100,9 @@ def select(op: str, device: torch.device, dtype: torch.dtype) -> str:
         if unavailable_reason(backend, op, device, dtype) is None:
             return backend
     return "reference"
+
+
+def no_autocast(device: torch.device):
+    """Backends compute in their inputs' dtypes: autocast (still on inside a custom op's
+    implementation) would recast their internal float32 math."""
+    return torch.autocast(device.type, enabled=False)

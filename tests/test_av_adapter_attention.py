@@ -80,6 +80,10 @@ def test_forward_backward_match_literal(backend, device, dtype, shape, gates, sc
     skip_unless_available(backend, device, dtype)
     seed = fresh_seed()
     h_a, h_v, g_a, g_v = make_inputs(shape, dtype, device, gates)
+    if backend == "triton" and shape[3] > 128:  # Swin's widest adapters: cuda or reference only
+        with pytest.raises(ValueError, match=r"the triton kernels take r <= 128, got r=384"):
+            av_adapter_attention(h_a, h_v, g_a, g_v, scale=scale)
+        return
     # output gradients representable in the dtype, so that every run sees the same ones
     douts = [torch.randn(h.shape, device=device).to(dtype).double() for h in (h_a, h_v)]
     exact, exact_grads, _ = run(ref.av_adapter_attention_literal, h_a.double(), h_v.double(),

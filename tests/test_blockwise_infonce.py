@@ -204,7 +204,7 @@ def test_reductions():
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(z_a=torch.randn(3, 8)), ValueError, r"blockwise_infonce: z_a must be \(K, B, d\) with K, d >= 1, got \(3, 8\)"),
+        (dict(z_a=torch.randn(3, 8)), ValueError, r"blockwise_infonce: z_a must be \(K, B, d\) with K, B, d >= 1, got \(3, 8\)"),
         (dict(z_v=torch.randn(2, 8, 16)), ValueError, r"z_v must be \(K, B, d\) = \(3, 8, 16\) like z_a, got \(2, 8, 16\)"),
         (dict(z_v=torch.randn(3, 8, 16, dtype=torch.float64)), TypeError, r"z_col must have z_row's dtype torch.float64, got torch.float32"),
         (dict(z_a=torch.randint(0, 3, (3, 8, 16))), TypeError, r"z_a must be float32, float16, bfloat16 or float64, got torch.int64"),
@@ -225,5 +225,7 @@ def test_cosine_lse_bad_inputs():
     z = torch.randn(2, 5, 8)
     with pytest.raises(ValueError, match=r"cosine_lse: z_col must be \(K, Bc, d\) = \(2, \*, 8\), got \(2, 5, 9\)"):
         cosine_lse(z, torch.randn(2, 5, 9), tau=0.1)
+    with pytest.raises(ValueError, match=r"cosine_lse: z_col must be \(K, B, d\) with K, B, d >= 1, got \(2, 0, 8\)"):
+        cosine_lse(z, torch.randn(2, 0, 8), tau=0.1)
     with pytest.raises(ValueError, match=r"cosine_lse: valid_col must be \(B,\) = \(6,\), got \(5,\)"):
         cosine_lse(z, torch.randn(2, 6, 8), tau=0.1, valid_col=torch.ones(5, dtype=torch.bool))

@@ -157,3 +157,17 @@ def test_bad_arguments_are_named():
     del upstream.attn.num_heads
     with pytest.raises(ValueError, match=r"from_upstream: pass num_heads"):
         DenseAVFusionBlock.from_upstream(upstream)
+
+
+@pytest.mark.parametrize("block_cls, F", [(DenseAVFusionBlock, 5), (FactorizedAVFusionBlock, 9)])
+def test_blocks_run_under_autocast(block_cls, F):
+    """bf16 activations with fp32 parameters (the value bias is cast to the activations')."""
+    fresh_seed()
+    extra = {"num_fusion_tkns": (4, 3, 2)} if F == 9 else {}
+    block = block_cls(D, H, **extra)
+    x = [t.float().requires_grad_() for t in tokens(2, F, 11, 7)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block(*x)
+    out.float().sum().backward()
+    assert out.shape == (2, F, D) and torch.isfinite(out.float()).all()
+    assert block.attn.proj.weight.grad is not None and x[0].grad is not None

@@ -73,7 +73,8 @@ class DenseAVInteractionAttention(nn.Module):
         Na, Nv = kv_a.shape[1], kv_v.shape[1]
         k_a, v_a = kv_a.view(B, Na, 2, H, d).unbind(2)
         k_v, v_v = kv_v.view(B, Nv, 2, H, d).unbind(2)
-        v_bias = self.kv.bias[self.qk_dim:].view(H, d) if self.kv.bias is not None else None
+        # .to(q.dtype): under autocast q is bf16 while the parameter stays fp32
+        v_bias = self.kv.bias[self.qk_dim:].view(H, d).to(q.dtype) if self.kv.bias is not None else None
         o = av_pair_attention(
             q, k_a, v_a, k_v, v_v, scale=self.scale, v_bias=v_bias,
             key_padding_mask_a=audio_padding_mask, key_padding_mask_v=image_padding_mask,
@@ -152,7 +153,7 @@ class FactorizedAVInteractionAttention(nn.Module):
         k_a = nnf.linear(d_a, self.k.weight[:, D:]).view(B, na, H, self.qk_dim // H)
         v_v = nnf.linear(d_v, self.v.weight[:, :D]).view(B, nv, H, D // H)
         v_a = nnf.linear(d_a, self.v.weight[:, D:]).view(B, na, H, D // H)
-        v_bias = self.v.bias.view(H, D // H) if self.v.bias is not None else None
+        v_bias = self.v.bias.view(H, D // H).to(q.dtype) if self.v.bias is not None else None
         o = av_pair_attention(q, k_a, v_a, k_v, v_v, scale=self.scale, v_bias=v_bias)
         d_mm = self.proj(o.reshape(B, M, D))
         return torch.cat([d_mm, d_v, d_a], dim=1)

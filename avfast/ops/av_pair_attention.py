@@ -109,7 +109,8 @@ def _av_pair_attention(
     _check_av_pair_attention(q, k_a, v_a, k_v, v_v, v_bias, key_padding_mask_a, key_padding_mask_v, scale)
     backend = _backend.select(OP, q.device, q.dtype)
     forward, _ = _kernels(backend)
-    return forward(q, k_a, v_a, k_v, v_v, v_bias, key_padding_mask_a, key_padding_mask_v, scale)
+    with _backend.no_autocast(q.device):
+        return forward(q, k_a, v_a, k_v, v_v, v_bias, key_padding_mask_a, key_padding_mask_v, scale)
 
 
 @_av_pair_attention.register_fake
@@ -143,11 +144,12 @@ def _av_pair_attention_backward(
     the rows that have a valid pair, (H, Dv) in q's dtype."""
     backend = _backend.select(OP, q.device, q.dtype)
     _, backward = _kernels(backend)
-    grads = backward(
-        dout, q, k_a, v_a, k_v, v_v, key_padding_mask_a, key_padding_mask_v, o_half, lse, scale
-    )
-    has_pair = torch.isfinite(lse[..., :1])  # (B, F, H, 1)
-    dv_bias = (dout.to(o_half.dtype) * has_pair).sum(dim=(0, 1)).to(q.dtype)
+    with _backend.no_autocast(q.device):
+        grads = backward(
+            dout, q, k_a, v_a, k_v, v_v, key_padding_mask_a, key_padding_mask_v, o_half, lse, scale
+        )
+        has_pair = torch.isfinite(lse[..., :1])  # (B, F, H, 1)
+        dv_bias = (dout.to(o_half.dtype) * has_pair).sum(dim=(0, 1)).to(q.dtype)
     return (*grads, dv_bias)
 
 

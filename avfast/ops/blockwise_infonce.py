@@ -27,8 +27,8 @@ REDUCTIONS = ("mean", "sum", "none")
 def _check_features(name: str, z, op: str) -> None:
     if not isinstance(z, Tensor):
         raise TypeError(f"{op}: {name} must be a Tensor (K, B, d), got {type(z).__name__}")
-    if z.dim() != 3 or z.shape[0] == 0 or z.shape[2] == 0:
-        raise ValueError(f"{op}: {name} must be (K, B, d) with K, d >= 1, got {tuple(z.shape)}")
+    if z.dim() != 3 or 0 in z.shape:
+        raise ValueError(f"{op}: {name} must be (K, B, d) with K, B, d >= 1, got {tuple(z.shape)}")
     if z.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: {name} must be float32, float16, bfloat16 or float64, got {z.dtype}")
 
@@ -88,7 +88,8 @@ def _cosine_lse(
     """(lse_row (K, Br), lse_col (K, Bc), diag (K, Br)); see avfast.reference.blockwise_infonce."""
     _check_cosine_lse(z_row, z_col, valid_row, valid_col, tau)
     forward, _ = _kernels(_backend.select(OP, z_row.device, z_row.dtype))
-    return forward(z_row, z_col, valid_row, valid_col, tau, row_offset, col_lse)
+    with _backend.no_autocast(z_row.device):
+        return forward(z_row, z_col, valid_row, valid_col, tau, row_offset, col_lse)
 
 
 @_cosine_lse.register_fake
@@ -108,8 +109,9 @@ def _cosine_lse_backward(
 ) -> tuple[Tensor, Tensor]:
     """Gradients of z_row (K, Br, d) and z_col (K, Bc, d), contiguous, in their dtype."""
     _, backward = _kernels(_backend.select(OP, z_row.device, z_row.dtype))
-    return backward(g_lse_row, g_lse_col, g_diag, z_row, z_col, valid_row, valid_col, lse_row, lse_col,
-                    tau, row_offset, col_lse)
+    with _backend.no_autocast(z_row.device):
+        return backward(g_lse_row, g_lse_col, g_diag, z_row, z_col, valid_row, valid_col, lse_row, lse_col,
+                        tau, row_offset, col_lse)
 
 
 @_cosine_lse_backward.register_fake

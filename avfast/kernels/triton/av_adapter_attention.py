@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from avfast.kernels.triton import has_triton
-from avfast.kernels.triton.common import pow2, use_fp32_dot
+from avfast.kernels.triton.common import on_device, pow2, use_fp32_dot
 
 BLOCK_Y = 64  # streamed tokens per step
 
@@ -49,7 +49,7 @@ if has_triton():
         FP32_DOT: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
         # program n: frame n, both directions
-        n = tl.program_id(0)
+        n = tl.program_id(0).to(tl.int64)
         offs_x = tl.arange(0, BLOCK_X)
         x_ok = offs_x < Lx
         x = _load_tokens(x_ptr, stride_x_n, stride_x_l, stride_x_r, n, offs_x, Lx, R, BLOCK_R)  # (BLOCK_X, BLOCK_R)
@@ -103,7 +103,7 @@ if has_triton():
         FP32_DOT: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
         # program n: frame n; dx accumulates over the y tiles, dy is written per tile
-        n = tl.program_id(0)
+        n = tl.program_id(0).to(tl.int64)
         offs_x = tl.arange(0, BLOCK_X)
         offs_r = tl.arange(0, BLOCK_R)
         x_ok = offs_x < Lx
@@ -146,8 +146,16 @@ def _roles(h_a: Tensor, h_v: Tensor) -> bool:
     return h_a.shape[1] <= h_v.shape[1]
 
 
-def _blocks(Lx: int, Ly: int, R: int) -> tuple[int, int, int]:
-    return pow2(Lx), min(BLOCK_Y, pow2(Ly)), pow2(R)
+MAX_WIDTH = 128  # r beyond this (Swin's wide adapters) exceeds shared memory here: use cuda
+
+
+def _blocks(Lx: int, Ly: int, R: int, element_size: int) -> tuple[int, int, int, int]:
+    """(BLOCK_X, BLOCK_Y, BLOCK_R, num_stages), smaller for wide fp32 tiles."""
+    if R > MAX_WIDTH:
+        raise ValueError(f"av_adapter_attention: the triton kernels take r <= {MAX_WIDTH}, got r={R}; "
+                         "use the cuda or reference backend (AVFAST_BACKEND)")
+    wide = element_size * pow2(R) > 128
+    return pow2(Lx), min(BLOCK_Y // 2 if wide else BLOCK_Y, pow2(Ly)), pow2(R), 1 if wide else 3
 
 
 def av_adapter_attention_fwd(
@@ -165,12 +173,13 @@ def av_adapter_attention_fwd(
     x, y = (h_a, h_v) if audio_held else (h_v, h_a)
     gx, gy = (gate_a, gate_v) if audio_held else (gate_v, gate_a)
     outs = (out_a, out_v, o_a, o_v, lse_a, lse_v) if audio_held else (out_v, out_a, o_v, o_a, lse_v, lse_a)
-    block_x, block_y, block_r = _blocks(x.shape[1], y.shape[1], R)
-    _av_adapter_fwd_kernel[(N,)](
-        x, *x.stride(), y, *y.stride(), gx, gx.stride(0), gy, gy.stride(0), *outs,
-        x.shape[1], y.shape[1], R, scale,
-        FP32_DOT=use_fp32_dot(h_a), BLOCK_X=block_x, BLOCK_Y=block_y, BLOCK_R=block_r,
-    )
+    block_x, block_y, block_r, num_stages = _blocks(x.shape[1], y.shape[1], R, x.element_size())
+    with on_device(h_a):
+        _av_adapter_fwd_kernel[(N,)](
+            x, *x.stride(), y, *y.stride(), gx, gx.stride(0), gy, gy.stride(0), *outs,
+            x.shape[1], y.shape[1], R, scale,
+            FP32_DOT=use_fp32_dot(h_a), BLOCK_X=block_x, BLOCK_Y=block_y, BLOCK_R=block_r, num_stages=num_stages,
+        )
     return out_a, out_v, o_a, o_v, lse_a, lse_v
 
 
@@ -188,13 +197,14 @@ def av_adapter_attention_bwd(
     else:
         args = (dout_v, dout_a, h_v, h_a, gate_v, gate_a, o_v, o_a, lse_v, lse_a, dh_v, dh_a)
     dout_x, dout_y, x, y, gx, gy, o_x, o_y, lse_x, lse_y, dx, dy = args
-    block_x, block_y, block_r = _blocks(x.shape[1], y.shape[1], R)
-    _av_adapter_bwd_kernel[(N,)](
-        dout_x, *dout_x.stride(), dout_y, *dout_y.stride(), x, *x.stride(), y, *y.stride(),
-        gx, gx.stride(0), gy, gy.stride(0), o_x, o_y, lse_x, lse_y, dx, dy,
-        x.shape[1], y.shape[1], R, scale,
-        FP32_DOT=use_fp32_dot(h_a), BLOCK_X=block_x, BLOCK_Y=block_y, BLOCK_R=block_r,
-    )
+    block_x, block_y, block_r, num_stages = _blocks(x.shape[1], y.shape[1], R, x.element_size())
+    with on_device(h_a):
+        _av_adapter_bwd_kernel[(N,)](
+            dout_x, *dout_x.stride(), dout_y, *dout_y.stride(), x, *x.stride(), y, *y.stride(),
+            gx, gx.stride(0), gy, gy.stride(0), o_x, o_y, lse_x, lse_y, dx, dy,
+            x.shape[1], y.shape[1], R, scale,
+            FP32_DOT=use_fp32_dot(h_a), BLOCK_X=block_x, BLOCK_Y=block_y, BLOCK_R=block_r, num_stages=num_stages,
+        )
     dgate_a = (dout_a.float() * o_a).sum(dim=(1, 2))
     dgate_v = (dout_v.float() * o_v).sum(dim=(1, 2))
     return dh_a, dh_v, dgate_a, dgate_v

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from avfast.kernels.triton import has_triton
-from avfast.kernels.triton.common import pow2, use_fp32_dot
+from avfast.kernels.triton.common import on_device, pow2, use_fp32_dot
 
 if has_triton():
     import triton
@@ -125,12 +125,13 @@ if has_triton():
         FINAL: tl.constexpr, FP32_DOT: tl.constexpr,
         BLOCK_F: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
     ):
-        # program (F block, b*H + h, key split). FINAL: one split, write out / o_half / lse;
+        # program (b*H + h, F block, key split). FINAL: one split, write out / o_half / lse;
         # else write this split's partial o_half and lse at index `split` for the merge.
-        pid_f = tl.program_id(0)
-        b = tl.program_id(1) // H
-        h = tl.program_id(1) % H
-        split = tl.program_id(2)
+        bh = tl.program_id(0).to(tl.int64)  # int64 offsets: tensors may pass 2^31 elements
+        b = bh // H
+        h = bh % H
+        pid_f = tl.program_id(1).to(tl.int64)
+        split = tl.program_id(2).to(tl.int64)
         offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
         offs_dq = tl.arange(0, BLOCK_DQ)
         offs_dv = tl.arange(0, BLOCK_DV)
@@ -250,13 +251,14 @@ if has_triton():
         HAS_MASK_A: tl.constexpr, HAS_MASK_V: tl.constexpr, FP32_DOT: tl.constexpr,
         BLOCK_F: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
     ):
-        # program (F block, b*H + h, key split): dK, dV of the split's keys from this F block
+        # program (b*H + h, F block, key split): dK, dV of the split's keys from this F block
         # (index pid_f of the dk/dv buffers) and dQ of this F block from the split's keys
         # (index split of the dq buffer).
-        pid_f = tl.program_id(0)
-        b = tl.program_id(1) // H
-        h = tl.program_id(1) % H
-        split = tl.program_id(2)
+        bh = tl.program_id(0).to(tl.int64)  # int64 offsets: tensors may pass 2^31 elements
+        b = bh // H
+        h = bh % H
+        pid_f = tl.program_id(1).to(tl.int64)
+        split = tl.program_id(2).to(tl.int64)
         offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
         offs_dq = tl.arange(0, BLOCK_DQ)
         offs_dv = tl.arange(0, BLOCK_DV)
@@ -303,6 +305,11 @@ def _num_splits(programs: int, n_keys: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(n_keys, BLOCK_N), triton.cdiv(MIN_PROGRAMS, programs)))
 
 
+def _num_stages(q: Tensor, Dq: int, Dv: int) -> int:
+    """One pipeline stage for wide fp32 heads (> 128), whose tiles would not fit three."""
+    return 1 if q.element_size() * max(pow2(Dq), pow2(Dv)) > 512 else 3
+
+
 def _mask_arg(mask: Tensor | None) -> tuple:
     if mask is None:
         return (None, 0, 0)
@@ -327,18 +334,20 @@ def av_pair_attention_fwd(
     out = torch.empty(B, F, H, Dv, device=q.device, dtype=q.dtype)
     o_half = torch.empty(num_splits, B, F, H, 2, Dv, device=q.device, dtype=torch.float32)
     lse = torch.empty(num_splits, B, F, H, 2, device=q.device, dtype=torch.float32)
-    _av_pair_attention_fwd_kernel[(grid_f, B * H, num_splits)](
-        q, *q.stride(), k_a, *k_a.stride(), v_a, *v_a.stride(), k_v, *k_v.stride(), v_v, *v_v.stride(),
-        v_bias, *_strides(v_bias, 2),
-        *_mask_arg(key_padding_mask_a), *_mask_arg(key_padding_mask_v),
-        out, *out.stride()[:3],
-        o_half, *o_half.stride()[:5], lse, *lse.stride()[:4],
-        F, H, Na, Nv, Dq, Dv, scale, num_splits,
-        HAS_BIAS=v_bias is not None,
-        HAS_MASK_A=key_padding_mask_a is not None, HAS_MASK_V=key_padding_mask_v is not None,
-        FINAL=final, FP32_DOT=use_fp32_dot(q),
-        BLOCK_F=block_f, BLOCK_N=BLOCK_N, BLOCK_DQ=pow2(Dq), BLOCK_DV=pow2(Dv),
-    )
+    with on_device(q):
+        _av_pair_attention_fwd_kernel[(B * H, grid_f, num_splits)](
+            q, *q.stride(), k_a, *k_a.stride(), v_a, *v_a.stride(), k_v, *k_v.stride(), v_v, *v_v.stride(),
+            v_bias, *_strides(v_bias, 2),
+            *_mask_arg(key_padding_mask_a), *_mask_arg(key_padding_mask_v),
+            out, *out.stride()[:3],
+            o_half, *o_half.stride()[:5], lse, *lse.stride()[:4],
+            F, H, Na, Nv, Dq, Dv, scale, num_splits,
+            HAS_BIAS=v_bias is not None,
+            HAS_MASK_A=key_padding_mask_a is not None, HAS_MASK_V=key_padding_mask_v is not None,
+            FINAL=final, FP32_DOT=use_fp32_dot(q),
+            BLOCK_F=block_f, BLOCK_N=BLOCK_N, BLOCK_DQ=pow2(Dq), BLOCK_DV=pow2(Dv),
+            num_stages=_num_stages(q, Dq, Dv),
+        )
     if final:
         return out, o_half[0], lse[0]
     return _merge_splits(o_half, lse, v_bias, q.dtype)
@@ -379,20 +388,23 @@ def av_pair_attention_bwd(
             return torch.empty((1, *like.shape), device=like.device, dtype=like.dtype)
         return torch.empty((parts, *like.shape), device=like.device, dtype=torch.float32)
 
+    o_half, lse = o_half.contiguous(), lse.contiguous()  # the kernel reads their last dims densely
     dq = grad_buffer(q, num_splits)
     dk_a, dv_a, dk_v, dv_v = (grad_buffer(t, grid_f) for t in (k_a, v_a, k_v, v_v))
-    _av_pair_attention_bwd_kernel[(grid_f, B * H, num_splits)](
-        dout, *dout.stride(), q, *q.stride(),
-        k_a, *k_a.stride(), v_a, *v_a.stride(), k_v, *k_v.stride(), v_v, *v_v.stride(),
-        *_mask_arg(key_padding_mask_a), *_mask_arg(key_padding_mask_v),
-        o_half, *o_half.stride()[:4], lse, *lse.stride()[:3],
-        dq, *dq.stride()[:4], dk_a, *dk_a.stride()[:4], dv_a, *dv_a.stride()[:4],
-        dk_v, *dk_v.stride()[:4], dv_v, *dv_v.stride()[:4],
-        F, H, Na, Nv, Dq, Dv, scale, num_splits,
-        HAS_MASK_A=key_padding_mask_a is not None, HAS_MASK_V=key_padding_mask_v is not None,
-        FP32_DOT=use_fp32_dot(q),
-        BLOCK_F=block_f, BLOCK_N=BLOCK_N, BLOCK_DQ=pow2(Dq), BLOCK_DV=pow2(Dv),
-    )
+    with on_device(q):
+        _av_pair_attention_bwd_kernel[(B * H, grid_f, num_splits)](
+            dout, *dout.stride(), q, *q.stride(),
+            k_a, *k_a.stride(), v_a, *v_a.stride(), k_v, *k_v.stride(), v_v, *v_v.stride(),
+            *_mask_arg(key_padding_mask_a), *_mask_arg(key_padding_mask_v),
+            o_half, *o_half.stride()[:4], lse, *lse.stride()[:3],
+            dq, *dq.stride()[:4], dk_a, *dk_a.stride()[:4], dv_a, *dv_a.stride()[:4],
+            dk_v, *dk_v.stride()[:4], dv_v, *dv_v.stride()[:4],
+            F, H, Na, Nv, Dq, Dv, scale, num_splits,
+            HAS_MASK_A=key_padding_mask_a is not None, HAS_MASK_V=key_padding_mask_v is not None,
+            FP32_DOT=use_fp32_dot(q),
+            BLOCK_F=block_f, BLOCK_N=BLOCK_N, BLOCK_DQ=pow2(Dq), BLOCK_DV=pow2(Dv),
+            num_stages=_num_stages(q, Dq, Dv),
+        )
     grads = [g[0] if g.shape[0] == 1 else g.sum(dim=0).to(t.dtype)
              for g, t in zip((dq, dk_a, dv_a, dk_v, dv_v), (q, k_a, v_a, k_v, v_v))]
     return tuple(grads)

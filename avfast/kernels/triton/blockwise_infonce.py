@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from avfast.kernels.triton import has_triton
-from avfast.kernels.triton.common import pow2, use_fp32_dot
+from avfast.kernels.triton.common import on_device, pow2, use_fp32_dot
 
 NORM_EPS = 1e-12  # as F.normalize
 TILE_ELEMENTS = 32 * 1024  # rows x padded d per tile, a register budget (untuned)
@@ -57,17 +57,17 @@ if has_triton():
         FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         # program (block k, tile of BLOCK_M rows): streams every column tile once.
-        k = tl.program_id(0)
-        offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        k = tl.program_id(0).to(tl.int64)  # int64: k * stride_k passes 2^31 at K12 x B262144 x d768
+        offs_m = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = _valid(valid_x_ptr, offs_m, Bx, HAS_VALID_X)
-        x, rinv_x, _ = _load_unit_rows(x_ptr, stride_x_k, stride_x_b, stride_x_d, k, offs_m, Bx, D, BLOCK_D)
+        x, rinv_x, _norm_x = _load_unit_rows(x_ptr, stride_x_k, stride_x_b, stride_x_d, k, offs_m, Bx, D, BLOCK_D)
         m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l = tl.zeros((BLOCK_M,), tl.float32)
         diag = tl.zeros((BLOCK_M,), tl.float32)
         for n0 in range(0, By, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = _valid(valid_y_ptr, offs_n, By, HAS_VALID_Y)
-            y, rinv_y, _ = _load_unit_rows(y_ptr, stride_y_k, stride_y_b, stride_y_d, k, offs_n, By, D, BLOCK_D)
+            y, rinv_y, _norm_y = _load_unit_rows(y_ptr, stride_y_k, stride_y_b, stride_y_d, k, offs_n, By, D, BLOCK_D)
             pair_ok = m_ok[:, None] & n_ok[None, :]
             s = dot(x, tl.trans(y), FP32_DOT) * (rinv_x[:, None] * rinv_y[None, :] * inv_tau)
             s = tl.where(pair_ok, s, float("-inf"))  # (BLOCK_M, BLOCK_N)
@@ -107,8 +107,8 @@ if has_triton():
         FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         # program (block k, tile of BLOCK_M rows of X): d X for those rows.
-        k = tl.program_id(0)
-        offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        k = tl.program_id(0).to(tl.int64)  # int64: k * stride_k passes 2^31 at K12 x B262144 x d768
+        offs_m = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         m_ok = _valid(valid_x_ptr, offs_m, Bx, HAS_VALID_X)
         x, rinv_x, norm_x = _load_unit_rows(x_ptr, stride_x_k, stride_x_b, stride_x_d, k, offs_m, Bx, D, BLOCK_D)
@@ -121,7 +121,7 @@ if has_triton():
         for n0 in range(0, By, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = _valid(valid_y_ptr, offs_n, By, HAS_VALID_Y)
-            y, rinv_y, _ = _load_unit_rows(y_ptr, stride_y_k, stride_y_b, stride_y_d, k, offs_n, By, D, BLOCK_D)
+            y, rinv_y, _norm_y = _load_unit_rows(y_ptr, stride_y_k, stride_y_b, stride_y_d, k, offs_n, By, D, BLOCK_D)
             pair_ok = m_ok[:, None] & n_ok[None, :]
             s = dot(x, tl.trans(y), FP32_DOT) * (rinv_x[:, None] * rinv_y[None, :] * inv_tau)
             ds = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -151,11 +151,13 @@ if has_triton():
         )
 
 
-def _blocks(d: int, n_rows: int, n_cols: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D): tiles of at most TILE_ELEMENTS padded elements."""
+def _blocks(d: int, n_rows: int, n_cols: int, element_size: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_stages): row tiles of at most TILE_ELEMENTS padded
+    16-bit elements' bytes, so that fp32 tiles (and their fp32 dots) fit shared memory."""
     block_d = pow2(d)
-    rows = max(16, min(128, TILE_ELEMENTS // block_d))
-    return min(rows, pow2(n_rows)), min(max(16, rows // 2), pow2(n_cols)), block_d
+    rows = max(16, min(128, TILE_ELEMENTS * 2 // element_size // block_d))
+    num_stages = 1 if element_size * block_d >= 4096 else 3
+    return min(rows, pow2(n_rows)), min(max(16, rows // 2), pow2(n_cols)), block_d, num_stages
 
 
 def _valid_arg(valid: Tensor | None) -> Tensor | None:
@@ -169,19 +171,20 @@ def cosine_lse_fwd(
     """Forward launcher: (lse_row (K, Br), lse_col (K, Bc), diag (K, Br)), float32."""
     K, Br, D = z_row.shape
     Bc = z_col.shape[1]
-    block_m, block_n, block_d = _blocks(D, Br, Bc)
+    block_m, block_n, block_d, num_stages = _blocks(D, Br, Bc, z_row.element_size())
     dev = z_row.device
     lse_row = torch.empty(K, Br, device=dev, dtype=torch.float32)
     diag = torch.empty(K, Br, device=dev, dtype=torch.float32)
     colsum = torch.zeros(K, Bc if col_lse else 1, device=dev, dtype=torch.float64)
-    _cosine_lse_fwd_kernel[(K, triton.cdiv(Br, block_m))](
-        z_row, *z_row.stride(), z_col, *z_col.stride(),
-        _valid_arg(valid_row), _valid_arg(valid_col),
-        lse_row, diag, colsum,
-        Br, Bc, D, 1.0 / tau, row_offset,
-        HAS_VALID_X=valid_row is not None, HAS_VALID_Y=valid_col is not None, WITH_COL=col_lse,
-        FP32_DOT=use_fp32_dot(z_row), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-    )
+    with on_device(z_row):
+        _cosine_lse_fwd_kernel[(K, triton.cdiv(Br, block_m))](
+            z_row, *z_row.stride(), z_col, *z_col.stride(),
+            _valid_arg(valid_row), _valid_arg(valid_col),
+            lse_row, diag, colsum,
+            Br, Bc, D, 1.0 / tau, row_offset,
+            HAS_VALID_X=valid_row is not None, HAS_VALID_Y=valid_col is not None, WITH_COL=col_lse,
+            FP32_DOT=use_fp32_dot(z_row), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_stages=num_stages,
+        )
     if col_lse:
         lse_col = torch.where(colsum > 0, colsum.log() + 1.0 / tau, 0.0).float()
     else:
@@ -196,16 +199,17 @@ def _grad_rows(
 ) -> Tensor:
     K, Bx, D = x.shape
     By = y.shape[1]
-    block_m, block_n, block_d = _blocks(D, Bx, By)
+    block_m, block_n, block_d, num_stages = _blocks(D, Bx, By, x.element_size())
     dx = torch.empty(K, Bx, D, device=x.device, dtype=x.dtype)
-    _cosine_lse_bwd_kernel[(K, triton.cdiv(Bx, block_m))](
-        x, *x.stride(), y, *y.stride(), _valid_arg(valid_x), _valid_arg(valid_y),
-        lse_x, g_x, lse_y, g_y, g_diag, dx, *dx.stride()[:2],
-        Bx, By, D, 1.0 / tau, shift,
-        HAS_VALID_X=valid_x is not None, HAS_VALID_Y=valid_y is not None,
-        HAS_X_TERM=g_x is not None, HAS_Y_TERM=g_y is not None, HAS_DIAG=True, DIAG_ON_ROWS=diag_on_rows,
-        FP32_DOT=use_fp32_dot(x), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-    )
+    with on_device(x):
+        _cosine_lse_bwd_kernel[(K, triton.cdiv(Bx, block_m))](
+            x, *x.stride(), y, *y.stride(), _valid_arg(valid_x), _valid_arg(valid_y),
+            lse_x, g_x, lse_y, g_y, g_diag, dx, *dx.stride()[:2],
+            Bx, By, D, 1.0 / tau, shift,
+            HAS_VALID_X=valid_x is not None, HAS_VALID_Y=valid_y is not None,
+            HAS_X_TERM=g_x is not None, HAS_Y_TERM=g_y is not None, HAS_DIAG=True, DIAG_ON_ROWS=diag_on_rows,
+            FP32_DOT=use_fp32_dot(x), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_stages=num_stages,
+        )
     return dx
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -31,3 +32,8 @@ def use_fp32_dot(t: Tensor) -> bool:
 def pow2(n: int, floor: int = 16) -> int:
     """Smallest power of two >= max(n, floor) (tl.arange and tl.dot need them)."""
     return max(floor, 1 << (max(n, 1) - 1).bit_length())
+
+
+def on_device(t: Tensor):
+    """Context that makes t's GPU current: Triton launches on the current device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
