@@ -91,10 +91,12 @@ def test_forward_backward_match_literal(backend, device, dtype, shape, gates, sc
     # plain torch entirely in the inputs' dtype (fp32 gates would promote its outputs)
     plain, plain_grads, _ = run(ref.av_adapter_attention_literal, h_a, h_v, g_a.to(dtype), g_v.to(dtype), scale, douts)
     got, grads, _ = run(av_adapter_attention, h_a, h_v, g_a, g_v, scale, douts)
+    # scores of magnitude score_max carry an fp32 rounding that the softmax turns into a
+    # relative error, whatever the order of the sums
+    score_max = (h_v.double() @ h_a.double().transpose(1, 2)).abs().max().item() * (scale or 1.0)
     for name, o, p, e in zip(["h_a'", "h_v'"], got, plain, exact):
         assert o.dtype == dtype and o.shape == e.shape
-        assert max_err(o, e) <= tolerance(p, e, dtype), f"seed {seed}: {name} err {max_err(o, e)}"
-    score_max = (h_v.double() @ h_a.double().transpose(1, 2)).abs().max().item() * (scale or 1.0)
+        assert max_err(o, e) <= tolerance(p, e, dtype, score_max), f"seed {seed}: {name} err {max_err(o, e)}"
     # a gate's gradient sums dout * o over a frame: each term may carry a few roundings
     o_a, o_v = ref.av_adapter_attention_fwd(h_a.double(), h_v.double(), g_a.double().expand(shape[0]),
                                             g_v.double().expand(shape[0]), scale or 1.0)[2:4]

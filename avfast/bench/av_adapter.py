@@ -26,38 +26,36 @@ benchmarks/results/<device-slug>/av_adapter.{json,md,png}.
 
 from __future__ import annotations
 
-import datetime
 import os
 import sys
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from functools import partial
 from typing import Any
 
 import torch
 
-from avfast import _backend
 from avfast.bench.common import (
-    DTYPES,
-    MODES,
     Case,
-    Timing,
-    auto_backend_note,
+    backend_env,
+    backend_note,
+    backend_skip,
+    bench_main,
     bench_parser,
-    default_out_dir,
-    device_slug,
-    ensure_triton_interpreter,
-    env_info,
-    env_var,
-    late_interpreter,
-    peak_hbm,
-    print_row,
+    build_payload,
+    check_bound,
+    check_markdown,
+    check_providers,
+    check_summary,
+    element_size,
+    keep_cases,
+    make_step,
+    max_err,
+    measure_case,
+    prepare_run,
     reset_compiled_state,
-    result_row,
-    run_provider,
-    split_list,
-    warm_device,
+    run_cases,
+    select,
     write_results,
 )
 from avfast.nn.adapters import AVAdapter
@@ -154,50 +152,13 @@ def _setup(s: AdapterShape, device, dtype, seed: int = 0):
     return module, [t.requires_grad_() for t in leaves], douts
 
 
-def _step(f: Callable, module: AVAdapter, inputs: Sequence[torch.Tensor], douts, mode: str,
-          cudagraphs: bool = False) -> Callable[[], Any]:
+def _step(f, module: AVAdapter, inputs: Sequence[torch.Tensor], douts, mode: str, cudagraphs: bool = False):
     """One timed call: f(*inputs) under no_grad (fwd), or autograd.grad of douts w.r.t. the
     inputs (tokens, gates) and every weight of ``module`` (fwd+bwd)."""
-    leaves = [*inputs, *module.parameters()]
-    mark = torch.compiler.cudagraph_mark_step_begin if cudagraphs else (lambda: None)
-    if mode == "fwd":
-        def step():
-            mark()
-            with torch.no_grad():
-                return f(*inputs)
-    else:
-        def step():
-            mark()
-            return torch.autograd.grad(f(*inputs), leaves, douts)
-    return step
+    return make_step(f, inputs, mode, leaves=[*inputs, *module.parameters()], dout=douts, cudagraphs=cudagraphs)
 
 
-def _triton_skip(device: torch.device, dtype: torch.dtype) -> str | None:
-    reason = _backend.unavailable_reason("triton", BACKEND_OP, device, dtype)
-    if reason is None and device.type == "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
-        return "TRITON_INTERPRET=1: the interpreter is not a benchmark (export TRITON_INTERPRET=0)"
-    if reason is None and device.type == "cpu":
-        return late_interpreter()
-    return reason
-
-
-def _backend_skip(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
-    if backend == "triton":
-        return _triton_skip(device, dtype)
-    return _backend.unavailable_reason(backend, BACKEND_OP, device, dtype) if backend else None
-
-
-def _backend_note(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    if not backend:
-        return auto_backend_note(BACKEND_OP, device, dtype)
-    if device.type == "cpu" and backend == "triton":
-        return "Triton interpreter"
-    if device.type == "cpu" and backend == "cuda":
-        return "CUDA kernel code run serially on the host"
-    return ""
-
-
-def _provider(name: str, module: AVAdapter, device: torch.device, dtype: torch.dtype, inputs, douts, mode: str):
+def _provider(module: AVAdapter, device: torch.device, dtype: torch.dtype, inputs, douts, name: str, mode: str):
     """(build, skip reason, note, forced AVFAST_BACKEND) for one provider."""
     no_graphs = None if device.type == "cuda" else "CUDA graphs need a CUDA device"
     upstream = lambda *x: upstream_av_adapter(module, *x)  # noqa: E731
@@ -215,37 +176,25 @@ def _provider(name: str, module: AVAdapter, device: torch.device, dtype: torch.d
             f = torch.compile(module if ours else upstream, dynamic=False, **kwargs)
             return _step(f, module, inputs, douts, mode, graphs)
 
-        note = _backend_note("", device, dtype) if ours else ""
+        note = backend_note(BACKEND_OP, "", device, dtype) if ours else ""
         return build, (no_graphs if graphs else None), note, ("" if ours else None)
     backend = FORCED_BACKEND[name]
-    return ((lambda: _step(module, module, inputs, douts, mode)), _backend_skip(backend, device, dtype),
-            _backend_note(backend, device, dtype), backend)
+    return ((lambda: _step(module, module, inputs, douts, mode)), backend_skip(BACKEND_OP, backend, device, dtype),
+            backend_note(BACKEND_OP, backend, device, dtype), backend)
 
 
 def _run_case(s: AdapterShape, providers, device, dtype, timing, hbm_bw) -> tuple[Case, list]:
-    elem = torch.empty((), dtype=dtype).element_size()
-    case = Case(OP, s.name, asdict(s), hbm_bytes(s, elem))
+    case = Case(OP, s.name, asdict(s), hbm_bytes(s, element_size(dtype)))
     module, inputs, douts = _setup(s, device, dtype)
-    results = []
-    for name in providers:
-        for mode in MODES:
-            build, skip, note, forced = _provider(name, module, device, dtype, inputs, douts, mode)
-            # forced: a backend name to set, "" to unset (automatic choice), None to leave as is
-            env = env_var("AVFAST_BACKEND", forced or None) if forced is not None else nullcontext()
-            with env:
-                results.append(run_provider(case, name, PROVIDERS[name], mode, build, device=device,
-                                            dtype=dtype, timing=timing, skip=skip, note=note, hbm_bw=hbm_bw))
-            print_row(result_row(results[-1], {}))
+    results = measure_case(case, providers, PROVIDERS,
+                           partial(_provider, module, device, dtype, inputs, douts),
+                           device=device, dtype=dtype, timing=timing, hbm_bw=hbm_bw)
     del module, inputs, douts
     reset_compiled_state()  # frees this case's CUDA-graph pools
     return case, results
 
 
 # --------------------------------------------------------------------------------- check
-
-
-def _max_err(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float:
-    return max(float((a.double() - b.double()).abs().max()) for a, b in zip(got, want))
 
 
 def _eval(f, module, inputs, douts) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -268,53 +217,28 @@ def check(device: torch.device, dtype: torch.dtype, providers: Sequence[str] = C
     douts = [t.to(dtype) for t in douts64]
     plain_out, plain_grads = _eval(lambda *x: upstream_av_adapter(module, *x), module, inputs, douts)
     eps = torch.finfo(dtype).eps
-    mag_out = max(1.0, max(float(t.abs().max()) for t in want_out))
-    mag_grad = max(1.0, max(float(t.abs().max()) for t in want_grads))
-    bound_out = 2 * _max_err(plain_out, want_out) + 10 * eps * mag_out
-    bound_grad = 2 * _max_err(plain_grads, want_grads) + 10 * eps * mag_grad
-    print(f"check {OP} vs upstream's formulation in float64 ({device}, {str(dtype)[6:]}, {shape.name}):")
-    print(f"  {'provider':<18} {'out err':>10} {'bound':>10} {'grad err':>10} {'bound':>10}  result")
-    entries = []
-    for name in providers:
-        entry = {"provider": name, "out_err": None, "grad_err": None,
-                 "out_bound": bound_out, "grad_bound": bound_grad, "result": "SKIP", "reason": None}
-        backend = FORCED_BACKEND.get(name)
-        if backend is not None:
-            entry["reason"] = _backend_skip(backend, device, dtype)
-        if entry["reason"] is None:
-            f = (lambda *x: upstream_av_adapter(module, *x)) if name == "upstream_eager" else module
-            try:
-                with env_var("AVFAST_BACKEND", backend) if backend else nullcontext():
-                    out, grads = _eval(f, module, inputs, douts)
-                entry["out_err"], entry["grad_err"] = _max_err(out, want_out), _max_err(grads, want_grads)
-                ok = entry["out_err"] <= bound_out and entry["grad_err"] <= bound_grad
-                entry["result"] = "PASS" if ok else "FAIL"
-            except Exception as err:  # noqa: BLE001
-                entry["reason"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
-                entry["result"] = "FAIL"
-        entries.append(entry)
-        if entry["out_err"] is not None:
-            print(f"  {name:<18} {entry['out_err']:10.2e} {bound_out:10.2e} {entry['grad_err']:10.2e} "
-                  f"{bound_grad:10.2e}  {entry['result']}")
-        else:
-            print(f"  {name:<18} {'':>10} {'':>10} {'':>10} {'':>10}  {entry['result']}: {entry['reason']}")
-    passed = all(e["result"] != "FAIL" for e in entries)
-    print(f"  check {'PASSED' if passed else 'FAILED'}", flush=True)
-    return {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "shape": asdict(shape),
-            "scale": SCALE, "results": entries, "passed": passed}
+    bound_out = check_bound(plain_out, want_out, 10 * eps)
+    bound_grad = check_bound(plain_grads, want_grads, 10 * eps)
+
+    def errors(name: str) -> tuple[float, float]:
+        f = (lambda *x: upstream_av_adapter(module, *x)) if name == "upstream_eager" else module
+        with backend_env(FORCED_BACKEND.get(name) or None):
+            out, grads = _eval(f, module, inputs, douts)
+        return max_err(out, want_out), max_err(grads, want_grads)
+
+    entries, passed = check_providers(
+        f"check {OP} vs upstream's formulation in float64 ({device}, {str(dtype)[6:]}, {shape.name}):",
+        providers, bound_out, bound_grad, lambda name: backend_skip(BACKEND_OP, FORCED_BACKEND.get(name), device, dtype),
+        errors)
+    return check_summary(device, dtype, shape, entries, passed, scale=SCALE)
 
 
 def _check_markdown(result: dict[str, Any]) -> str:
-    lines = [f"## Check ({'PASSED' if result['passed'] else 'FAILED'})", "",
-             f"Outputs and the gradients of s_v, s_a, gate_v, gate_a and the four Linear layers vs upstream's "
-             f"formulation in float64, {result['dtype']} on {result['device']}, shape `{result['shape']}`; bound = "
-             f"2x the error of upstream's formulation in {result['dtype']} + 10 ulp.", "",
-             "| provider | out err | grad err | result |", "|---|---:|---:|---|"]
-    for e in result["results"]:
-        errs = [f"{e[k]:.2e}" if e[k] is not None else "-" for k in ("out_err", "grad_err")]
-        why = f" ({e['reason']})" if e["reason"] else ""
-        lines.append(f"| {e['provider']} | {errs[0]} | {errs[1]} | {e['result']}{why} |")
-    return "\n".join(lines) + "\n"
+    return check_markdown(
+        result, "Check",
+        f"Outputs and the gradients of s_v, s_a, gate_v, gate_a and the four Linear layers vs upstream's "
+        f"formulation in float64, {result['dtype']} on {result['device']}, shape `{result['shape']}`; bound = "
+        f"2x the error of upstream's formulation in {result['dtype']} + 10 ulp.")
 
 
 # ----------------------------------------------------------------------------------- run
@@ -336,76 +260,18 @@ def run(
     all). cases: keep cases whose name contains one of these strings. With providers or
     cases given, the rows are merged into an existing JSON. Returns the payload written.
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if isinstance(dtype, str):
-        dtype = DTYPES[dtype]
-    dtype = dtype or (torch.float32 if quick else torch.bfloat16)
-    unknown = [p for p in providers or () if p not in PROVIDERS]
-    if unknown:
-        raise ValueError(f"unknown providers {unknown}; choose from {list(PROVIDERS)}")
-    ensure_triton_interpreter(device)
-    env = env_info(device)
-    slug = device_slug(env["gpu"])
-    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(slug, quick)
-    hbm_label, hbm_bw = peak_hbm(env["gpu"])
+    r = prepare_run("avfast bench av-adapter", device, dtype, quick, out_dir, providers, PROVIDERS, notes=[
+        "One AV-Adapter placement (both modalities), batch-first tokens, every tensor in the benchmark dtype, "
+        "gates (1,), unscaled softmax as upstream; fwd+bwd is the gradient w.r.t. the tokens, the gates and "
+        "the four Linear layers."], cpu_detail="Triton runs interpreted, the CUDA kernel code serially on the host")
+    check_result = check(r.device, r.dtype)
 
-    notes = ["One AV-Adapter placement (both modalities), batch-first tokens, every tensor in the benchmark dtype, "
-             "gates (1,), unscaled softmax as upstream; fwd+bwd is the gradient w.r.t. the tokens, the gates and "
-             "the four Linear layers."]
-    if device.type != "cuda":
-        notes.append("CPU run: a smoke check of the kernels and the harness. These timings are NOT the GPU "
-                     "benchmark (Triton runs interpreted, the CUDA kernel code serially on the host).")
-    if quick:
-        notes.append("--quick: tiny shapes and few repetitions"
-                     + (", one CPU thread." if device.type == "cpu" else "."))
-    banner = "=" * 88
-    print(banner)
-    print(f"avfast bench av-adapter: {env['gpu']} ({device}), {str(dtype)[6:]}, torch {env['torch']}, "
-          f"triton {env['triton']}, commit {env['commit']}")
-    for n in notes:
-        print("NOTE: " + n)
-    print(banner, flush=True)
-
-    check_result = check(device, dtype)
-
-    if device.type == "cuda":
-        timing = Timing(warmup_calls=3, warmup_ms=10, rep_ms=30) if quick else Timing(3, 50, 200)
-    else:
-        timing = Timing(warmup_calls=1, cpu_reps=3) if quick else Timing(warmup_calls=2, cpu_reps=10)
-    shapes = [s for s in (QUICK_SHAPES if quick else GPU_SHAPES) if not cases or any(c in s.name for c in cases)]
-    names = [p for p in PROVIDERS if not providers or p in providers]
-
-    warm_device(device, dtype)
-    case_list, results = [], []
-    threads = torch.get_num_threads()
-    if device.type == "cpu" and quick:
-        torch.set_num_threads(1)  # tiny shapes: idle intra-op threads only add scheduler stalls
-    try:
-        for s in shapes:
-            case, res = _run_case(s, names, device, dtype, timing, hbm_bw)
-            case_list.append(case)
-            results += res
-    finally:
-        torch.set_num_threads(threads)
-        reset_compiled_state()
-
-    def case_entry(c: Case) -> dict[str, Any]:
-        return {"op": c.op, "name": c.name, "shape": c.shape, "hbm_bytes": c.hbm_bytes,
-                "hbm_bandwidth_label": hbm_label, "hbm_bytes_per_s": hbm_bw,
-                "hbm_floor_ms": {m: b / hbm_bw * 1e3 for m, b in c.hbm_bytes.items()}}
-
-    payload = {
-        "metadata": {
-            **env, "device": str(device), "device_slug": slug, "dtype": str(dtype).removeprefix("torch."),
-            "quick": quick, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "timing": asdict(timing), "scale": SCALE, "notes": notes, "providers": PROVIDERS,
-        },
-        "check": check_result,
-        "cases": [case_entry(c) for c in case_list],
-        "rows": [result_row(r, env) for r in results],
-    }
-    return write_results(payload, out_dir, RESULTS_STEM, "AV-Adapter (STG-CMA): avfast vs plain PyTorch",
-                         _check_markdown(check_result), device, merge=bool(providers or cases))
+    names = select(PROVIDERS, providers)
+    case_list, results = run_cases(r, [lambda s=s: _run_case(s, names, r.device, r.dtype, r.timing, r.hbm_bw)
+                                       for s in keep_cases(QUICK_SHAPES if quick else GPU_SHAPES, cases)])
+    payload = build_payload(r, check_result, case_list, results, PROVIDERS, metadata={"scale": SCALE})
+    return write_results(payload, r.out_dir, RESULTS_STEM, "AV-Adapter (STG-CMA): avfast vs plain PyTorch",
+                         _check_markdown(check_result), r.device, merge=bool(providers or cases))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -417,10 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "against upstream's formulation and a smoke run of the harness, not a benchmark.",
         PROVIDERS, "N20-Lv197",
     )
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    payload = run(device=args.device, dtype=args.dtype, quick=args.quick, out_dir=args.out,
-                  providers=split_list(args.providers), cases=split_list(args.cases))
-    return 0 if payload["check"]["passed"] else 1
+    return bench_main(parser, run, argv)
 
 
 if __name__ == "__main__":

@@ -28,41 +28,39 @@ Usage: ``python -m avfast.bench.av_pair_attention [--quick] [--device cpu]`` or
 
 from __future__ import annotations
 
-import datetime
 import importlib.util
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as nnf
 
-from avfast import _backend
 from avfast.bench.common import (
-    bench_parser,
-    split_list,
-    write_results,
-    DTYPES,
-    default_out_dir,
-    ensure_triton_interpreter,
-    late_interpreter,
-    warm_device,
-    MODES,
     Case,
-    Timing,
-    auto_backend_note,
-    device_slug,
-    env_info,
-    env_var,
-    peak_hbm,
-    print_row,
+    backend_env,
+    backend_note,
+    backend_skip,
+    bench_main,
+    bench_parser,
+    build_payload,
+    check_bound,
+    check_markdown,
+    check_providers,
+    check_summary,
+    element_size,
+    keep_cases,
+    make_step,
+    max_err,
+    measure_case,
+    prepare_run,
     reset_compiled_state,
-    result_row,
-    run_provider,
+    run_cases,
+    select,
+    write_results,
 )
 from avfast.bench.fusion_block import BLOCK_PROVIDERS, GPU_BLOCK_SHAPES, QUICK_BLOCK_SHAPES
 from avfast.bench.fusion_block import run_case as _block_case
@@ -197,101 +195,53 @@ def _sdpa_choice(ctx, q, k, v) -> str:
         return ""
 
 
-def _step(f: Callable, inputs: Sequence[torch.Tensor], dout: torch.Tensor, mode: str,
-          ctx=nullcontext, cudagraphs: bool = False) -> Callable[[], Any]:
-    """One timed call: f(*inputs) under no_grad (fwd), or with autograd.grad of dout."""
-    mark = torch.compiler.cudagraph_mark_step_begin if cudagraphs else (lambda: None)
-    if mode == "fwd":
-        def step():
-            mark()
-            with torch.no_grad(), ctx():
-                return f(*inputs)
-    else:
-        def step():
-            mark()
-            with ctx():
-                out = f(*inputs)
-            return torch.autograd.grad(out, inputs, dout)
-    return step
-
-
-def _backend_note(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
-    if backend is None:
-        return auto_backend_note(OP, device, dtype)
-    if device.type == "cpu" and backend == "triton":
-        return "Triton interpreter"
-    if device.type == "cpu" and backend == "cuda":
-        return "CUDA kernel code run serially on the host"
-    return ""
-
-
-def _triton_skip(device: torch.device, dtype: torch.dtype) -> str | None:
-    reason = _backend.unavailable_reason("triton", OP, device, dtype)
-    if reason is None and device.type == "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
-        return "TRITON_INTERPRET=1: the interpreter is not a benchmark (export TRITON_INTERPRET=0)"
-    if reason is None and device.type == "cpu":
-        return late_interpreter()
-    return reason
-
-
 def _op_provider(name: str, s: PairShape, device, dtype, inputs, dout, mode):
     """(build, skip reason, note, forced AVFAST_BACKEND) for one op-level provider."""
     cuda = device.type == "cuda"
     no_graphs = None if cuda else "CUDA graphs need a CUDA device"
     if name == "literal":
-        return (lambda: _step(literal, inputs, dout, mode)), None, "", None
+        return (lambda: make_step(literal, inputs, mode, dout=dout)), None, "", None
     if name.startswith("two_sdpa"):
         ctx, note = _sdpa_context(device, s.Dq, s.Dv)
         chosen = _sdpa_choice(ctx, *inputs[:3])
         note = f"{note} ({chosen})" if chosen else note
         if name == "two_sdpa":
-            return (lambda: _step(two_sdpa, inputs, dout, mode, ctx)), None, note, None
+            return (lambda: make_step(two_sdpa, inputs, mode, dout=dout, ctx=ctx)), None, note, None
         graphs = name == "two_sdpa_cudagraphs"
         kwargs = {"mode": "reduce-overhead"} if graphs else {}
 
         def build():
             reset_compiled_state()
-            return _step(torch.compile(two_sdpa, dynamic=False, **kwargs), inputs, dout, mode, ctx, graphs)
+            f = torch.compile(two_sdpa, dynamic=False, **kwargs)
+            return make_step(f, inputs, mode, dout=dout, ctx=ctx, cudagraphs=graphs)
 
         return build, (no_graphs if graphs else None), note, None
     if name == "xformers":
         skip = None if importlib.util.find_spec("xformers") else "xformers is not installed"
-        return (lambda: _step(xformers_pair, inputs, dout, mode)), skip, "", None
+        return (lambda: make_step(xformers_pair, inputs, mode, dout=dout)), skip, "", None
     if name == "avfast_cudagraphs":
         def build():
             reset_compiled_state()
             f = torch.compile(avfast_pair, mode="reduce-overhead", dynamic=False, fullgraph=True)
-            return _step(f, inputs, dout, mode, cudagraphs=True)
+            return make_step(f, inputs, mode, dout=dout, cudagraphs=True)
 
-        return build, no_graphs, _backend_note(None, device, dtype), ""
+        return build, no_graphs, backend_note(OP, None, device, dtype), ""
     backend = FORCED_BACKEND[name]
-    skip = _triton_skip(device, dtype) if backend == "triton" else _backend.unavailable_reason(backend, OP, device, dtype)
-    return (lambda: _step(avfast_pair, inputs, dout, mode)), skip, _backend_note(backend, device, dtype), backend
+    return ((lambda: make_step(avfast_pair, inputs, mode, dout=dout)), backend_skip(OP, backend, device, dtype),
+            backend_note(OP, backend, device, dtype), backend)
 
 
 def _run_op_case(s: PairShape, providers, device, dtype, timing, hbm_bw) -> tuple[Case, list]:
-    elem = torch.empty((), dtype=dtype).element_size()
-    case = Case(OP, s.name, asdict(s), hbm_bytes(s, elem))
+    case = Case(OP, s.name, asdict(s), hbm_bytes(s, element_size(dtype)))
     inputs, dout = _pair_inputs(s, device, dtype)
-    results = []
-    for name in providers:
-        for mode in MODES:
-            build, skip, note, forced = _op_provider(name, s, device, dtype, inputs, dout, mode)
-            # forced: a backend name to set, "" to unset (automatic choice), None to leave as is
-            env = env_var("AVFAST_BACKEND", forced or None) if forced is not None else nullcontext()
-            with env:
-                results.append(run_provider(case, name, OP_PROVIDERS[name], mode, build, device=device,
-                                            dtype=dtype, timing=timing, skip=skip, note=note, hbm_bw=hbm_bw))
-            print_row(result_row(results[-1], {}))
+    results = measure_case(case, providers, OP_PROVIDERS,
+                           lambda name, mode: _op_provider(name, s, device, dtype, inputs, dout, mode),
+                           device=device, dtype=dtype, timing=timing, hbm_bw=hbm_bw)
     reset_compiled_state()  # frees this case's CUDA-graph pools
     return case, results
 
 
 # --------------------------------------------------------------------------------- check
-
-
-def _max_err(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float:
-    return max(float((a.double() - b.double()).abs().max()) for a, b in zip(got, want))
 
 
 def _eval(f, inputs, dout) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -311,57 +261,35 @@ def check(device: torch.device, dtype: torch.dtype, providers: Sequence[str] = C
     dout = dout64.to(dtype)
     plain_out, plain_grads = _eval(literal, inputs, dout)
     eps = torch.finfo(dtype).eps
-    mag_out = max(1.0, float(want_out.abs().max()))
-    mag_grad = max(1.0, max(float(t.abs().max()) for t in want_grads))
-    bound_out = 2 * _max_err([plain_out], [want_out]) + 10 * eps * mag_out
-    bound_grad = 2 * _max_err(plain_grads, want_grads) + 10 * eps * mag_grad
-    print(f"check {OP} vs the literal pair tensor in float64 ({device}, {str(dtype)[6:]}, {shape.name}):")
-    print(f"  {'provider':<18} {'out err':>10} {'bound':>10} {'grad err':>10} {'bound':>10}  result")
-    entries = []
-    for name in providers:
-        entry = {"provider": name, "out_err": None, "grad_err": None,
-                 "out_bound": bound_out, "grad_bound": bound_grad, "result": "SKIP", "reason": None}
-        backend = FORCED_BACKEND.get(name)
+    bound_out = check_bound([plain_out], [want_out], 10 * eps)
+    bound_grad = check_bound(plain_grads, want_grads, 10 * eps)
+
+    def reason(name: str) -> str | None:
         if name == "xformers" and not importlib.util.find_spec("xformers"):
-            entry["reason"] = "xformers is not installed"
-        elif backend is not None:
-            entry["reason"] = (_triton_skip(device, dtype) if backend == "triton"
-                               else _backend.unavailable_reason(backend, OP, device, dtype))
-        if entry["reason"] is None:
-            f = {"two_sdpa": two_sdpa, "xformers": xformers_pair}.get(name, avfast_pair)
-            ctx = _sdpa_context(device, shape.Dq, shape.Dv)[0] if name == "two_sdpa" else nullcontext
-            try:
-                with env_var("AVFAST_BACKEND", backend) if backend else nullcontext(), ctx():
-                    out, grads = _eval(f, inputs, dout)
-                entry["out_err"], entry["grad_err"] = _max_err([out], [want_out]), _max_err(grads, want_grads)
-                ok = entry["out_err"] <= bound_out and entry["grad_err"] <= bound_grad
-                entry["result"] = "PASS" if ok else "FAIL"
-            except Exception as err:  # noqa: BLE001
-                entry["reason"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
-                entry["result"] = "SKIP" if name == "xformers" else "FAIL"  # third-party: may not run here
-        entries.append(entry)
-        if entry["out_err"] is not None:
-            print(f"  {name:<18} {entry['out_err']:10.2e} {bound_out:10.2e} {entry['grad_err']:10.2e} "
-                  f"{bound_grad:10.2e}  {entry['result']}")
-        else:
-            print(f"  {name:<18} {'':>10} {'':>10} {'':>10} {'':>10}  {entry['result']}: {entry['reason']}")
-    passed = all(e["result"] != "FAIL" for e in entries)
-    print(f"  check {'PASSED' if passed else 'FAILED'}", flush=True)
-    return {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "shape": asdict(shape),
-            "scale": SCALE, "results": entries, "passed": passed}
+            return "xformers is not installed"
+        backend = FORCED_BACKEND.get(name)
+        return backend_skip(OP, backend, device, dtype) if backend is not None else None
+
+    def errors(name: str) -> tuple[float, float]:
+        backend = FORCED_BACKEND.get(name)
+        f = {"two_sdpa": two_sdpa, "xformers": xformers_pair}.get(name, avfast_pair)
+        ctx = _sdpa_context(device, shape.Dq, shape.Dv)[0] if name == "two_sdpa" else nullcontext
+        with backend_env(backend), ctx():
+            out, grads = _eval(f, inputs, dout)
+        return max_err([out], [want_out]), max_err(grads, want_grads)
+
+    entries, passed = check_providers(
+        f"check {OP} vs the literal pair tensor in float64 ({device}, {str(dtype)[6:]}, {shape.name}):",
+        providers, bound_out, bound_grad, reason, errors, third_party=("xformers",))
+    return check_summary(device, dtype, shape, entries, passed, scale=SCALE)
 
 
 def _check_markdown(result: dict[str, Any]) -> str:
-    lines = [f"## Kernel check ({'PASSED' if result['passed'] else 'FAILED'})", "",
-             f"Output and input gradients vs the literal pair tensor in float64, {result['dtype']} on "
-             f"{result['device']}, shape `{result['shape']}`; bound = 2x the error of the literal form in "
-             f"{result['dtype']} + 10 ulp.", "",
-             "| provider | out err | grad err | result |", "|---|---:|---:|---|"]
-    for e in result["results"]:
-        errs = [f"{e[k]:.2e}" if e[k] is not None else "-" for k in ("out_err", "grad_err")]
-        why = f" ({e['reason']})" if e["reason"] else ""
-        lines.append(f"| {e['provider']} | {errs[0]} | {errs[1]} | {e['result']}{why} |")
-    return "\n".join(lines) + "\n"
+    return check_markdown(
+        result, "Kernel check",
+        f"Output and input gradients vs the literal pair tensor in float64, {result['dtype']} on "
+        f"{result['device']}, shape `{result['shape']}`; bound = 2x the error of the literal form in "
+        f"{result['dtype']} + 10 ulp.")
 
 
 # ----------------------------------------------------------------------------------- run
@@ -386,88 +314,29 @@ def run(
     are merged into an existing JSON (same op, provider, mode and case replaced).
     Returns the payload written to the JSON.
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if isinstance(dtype, str):
-        dtype = DTYPES[dtype]
-    dtype = dtype or (torch.float32 if quick else torch.bfloat16)
     known = {**OP_PROVIDERS, **BLOCK_PROVIDERS}
-    unknown = [p for p in providers or () if p not in known]
-    if unknown:
-        raise ValueError(f"unknown providers {unknown}; choose from {list(known)}")
-    if level not in ("all", "op", "block"):
-        raise ValueError(f"level must be 'all', 'op' or 'block', got {level!r}")
-    ensure_triton_interpreter(device)
-    env = env_info(device)
-    slug = device_slug(env["gpu"])
-    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(slug, quick)
-    hbm_label, hbm_bw = peak_hbm(env["gpu"])
 
-    notes = []
-    if device.type != "cuda":
-        notes.append("CPU run: a smoke check of the kernels and the harness. These timings are NOT the GPU "
-                     "benchmark (Triton runs interpreted, the CUDA kernel code serially on the host).")
-    if quick:
-        notes.append("--quick: tiny shapes and few repetitions" + (", one CPU thread." if device.type == "cpu" else "."))
-    banner = "=" * 88
-    print(banner)
-    print(f"avfast bench pair-attention: {env['gpu']} ({device}), {str(dtype)[6:]}, torch {env['torch']}, "
-          f"triton {env['triton']}, commit {env['commit']}")
-    for n in notes:
-        print("NOTE: " + n)
-    print(banner, flush=True)
+    def validate() -> None:
+        if level not in ("all", "op", "block"):
+            raise ValueError(f"level must be 'all', 'op' or 'block', got {level!r}")
 
-    check_result = check(device, dtype)
+    r = prepare_run("avfast bench pair-attention", device, dtype, quick, out_dir, providers, known, validate=validate,
+                    cpu_detail="Triton runs interpreted, the CUDA kernel code serially on the host")
+    check_result = check(r.device, r.dtype)
 
-    if device.type == "cuda":
-        timing = Timing(warmup_calls=3, warmup_ms=10, rep_ms=30) if quick else Timing(3, 50, 200)
-    else:
-        timing = Timing(warmup_calls=1, cpu_reps=3) if quick else Timing(warmup_calls=2, cpu_reps=10)
-    op_shapes = QUICK_OP_SHAPES if quick else GPU_OP_SHAPES
-    block_shapes = QUICK_BLOCK_SHAPES if quick else GPU_BLOCK_SHAPES
-    keep = lambda name: not cases or any(c in name for c in cases)  # noqa: E731
-    op_names = [p for p in OP_PROVIDERS if not providers or p in providers]
-    block_names = [p for p in BLOCK_PROVIDERS if not providers or p in providers]
+    op_names, block_names = select(OP_PROVIDERS, providers), select(BLOCK_PROVIDERS, providers)
+    jobs = []
+    if level in ("all", "op") and op_names:
+        jobs += [lambda s=s: _run_op_case(s, op_names, r.device, r.dtype, r.timing, r.hbm_bw)
+                 for s in keep_cases(QUICK_OP_SHAPES if quick else GPU_OP_SHAPES, cases)]
+    if level in ("all", "block") and block_names:
+        jobs += [lambda s=s: _block_case(s, block_names, r.device, r.dtype, r.timing)
+                 for s in keep_cases(QUICK_BLOCK_SHAPES if quick else GPU_BLOCK_SHAPES, cases)]
+    case_list, results = run_cases(r, jobs)
 
-    warm_device(device, dtype)
-    case_list, results = [], []
-    threads = torch.get_num_threads()
-    if device.type == "cpu" and quick:
-        torch.set_num_threads(1)  # tiny shapes: idle intra-op threads only add scheduler stalls
-    try:
-        if level in ("all", "op") and op_names:
-            for s in filter(lambda s: keep(s.name), op_shapes):
-                case, res = _run_op_case(s, op_names, device, dtype, timing, hbm_bw)
-                case_list.append(case)
-                results += res
-        if level in ("all", "block") and block_names:
-            for s in filter(lambda s: keep(s.name), block_shapes):
-                case, res = _block_case(s, block_names, device, dtype, timing)
-                case_list.append(case)
-                results += res
-    finally:
-        torch.set_num_threads(threads)
-        reset_compiled_state()
-
-    def case_entry(c: Case) -> dict[str, Any]:
-        entry = {"op": c.op, "name": c.name, "shape": c.shape, "hbm_bytes": c.hbm_bytes}
-        if c.hbm_bytes:
-            entry.update(hbm_bandwidth_label=hbm_label, hbm_bytes_per_s=hbm_bw,
-                         hbm_floor_ms={m: b / hbm_bw * 1e3 for m, b in c.hbm_bytes.items()})
-        return entry
-
-    payload = {
-        "metadata": {
-            **env, "device": str(device), "device_slug": slug, "dtype": str(dtype).removeprefix("torch."),
-            "quick": quick, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "timing": asdict(timing), "scale": SCALE, "notes": notes,
-            "providers": {**OP_PROVIDERS, **BLOCK_PROVIDERS},
-        },
-        "check": check_result,
-        "cases": [case_entry(c) for c in case_list],
-        "rows": [result_row(r, env) for r in results],
-    }
-    return write_results(payload, out_dir, RESULTS_STEM, f"{OP}: avfast vs plain PyTorch", _check_markdown(check_result),
-                         device, merge=bool(providers or cases or level != "all"))
+    payload = build_payload(r, check_result, case_list, results, known, metadata={"scale": SCALE})
+    return write_results(payload, r.out_dir, RESULTS_STEM, f"{OP}: avfast vs plain PyTorch",
+                         _check_markdown(check_result), r.device, merge=bool(providers or cases or level != "all"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -480,10 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         [*OP_PROVIDERS, *BLOCK_PROVIDERS], "B64-Na96",
     )
     parser.add_argument("--level", default="all", choices=("all", "op", "block"))
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    payload = run(device=args.device, dtype=args.dtype, quick=args.quick, out_dir=args.out,
-                  providers=split_list(args.providers), cases=split_list(args.cases), level=args.level)
-    return 0 if payload["check"]["passed"] else 1
+    return bench_main(parser, run, argv, extra=("level",))
 
 
 if __name__ == "__main__":

@@ -25,41 +25,40 @@ benchmarks/results/<device-slug>/blockwise_infonce.{json,md,png}.
 
 from __future__ import annotations
 
-import datetime
 import importlib.util
 import os
 import sys
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as nnf
 
-from avfast import _backend
 from avfast.bench.common import (
-    bench_parser,
-    split_list,
-    write_results,
-    DTYPES,
-    default_out_dir,
-    ensure_triton_interpreter,
-    late_interpreter,
-    warm_device,
-    MODES,
     Case,
-    Timing,
-    auto_backend_note,
-    device_slug,
-    env_info,
-    env_var,
-    peak_hbm,
-    print_row,
+    backend_env,
+    backend_note,
+    backend_skip,
+    bench_main,
+    bench_parser,
+    build_payload,
+    check_bound,
+    check_markdown,
+    check_providers,
+    check_summary,
+    element_size,
+    keep_cases,
+    make_step,
+    max_err,
+    measure_case,
+    peak_lookup,
+    prepare_run,
     reset_compiled_state,
-    result_row,
-    run_provider,
+    run_cases,
+    select,
+    write_results,
 )
 from avfast.ops import blockwise_infonce
 from avfast.reference.blockwise_infonce import blockwise_infonce as reference_infonce
@@ -139,11 +138,7 @@ def matmul_flops(s: LossShape) -> dict[str, int]:
 
 
 def peak_matmul(name: str) -> tuple[str, float]:
-    lowered = name.lower()
-    for key, flops in PEAK_MATMUL_FLOPS:
-        if key in lowered:
-            return name, flops
-    return DEFAULT_PEAK_MATMUL
+    return peak_lookup(name, PEAK_MATMUL_FLOPS, DEFAULT_PEAK_MATMUL)
 
 
 # ----------------------------------------------------------------------------- providers
@@ -193,21 +188,6 @@ def _inputs(s: LossShape, device, dtype, seed: int = 0) -> list[torch.Tensor]:
     return [t.to(device=device, dtype=dtype).requires_grad_() for t in (z_a, z_v)]
 
 
-def _step(f: Callable, inputs: Sequence[torch.Tensor], mode: str, cudagraphs: bool = False) -> Callable[[], Any]:
-    """One timed call: f(z_a, z_v) under no_grad (fwd), or with autograd.grad of the loss."""
-    mark = torch.compiler.cudagraph_mark_step_begin if cudagraphs else (lambda: None)
-    if mode == "fwd":
-        def step():
-            mark()
-            with torch.no_grad():
-                return f(*inputs)
-    else:
-        def step():
-            mark()
-            return torch.autograd.grad(f(*inputs), inputs)
-    return step
-
-
 def _inf_cl_skip(device: torch.device) -> str | None:
     if importlib.util.find_spec("inf_cl") is None:
         return "inf_cl is not installed"
@@ -216,28 +196,11 @@ def _inf_cl_skip(device: torch.device) -> str | None:
     return None
 
 
-def _triton_skip(device: torch.device, dtype: torch.dtype) -> str | None:
-    reason = _backend.unavailable_reason("triton", BACKEND_OP, device, dtype)
-    if reason is None and device.type == "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
-        return "TRITON_INTERPRET=1: the interpreter is not a benchmark (export TRITON_INTERPRET=0)"
-    if reason is None and device.type == "cpu":
-        return late_interpreter()
-    return reason
-
-
-def _backend_note(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
-    if not backend:
-        return auto_backend_note(BACKEND_OP, device, dtype)
-    if device.type == "cpu" and backend == "triton":
-        return "Triton interpreter"
-    return ""
-
-
-def _provider(name: str, device: torch.device, dtype: torch.dtype, inputs, mode: str):
+def _provider(device: torch.device, dtype: torch.dtype, inputs, name: str, mode: str):
     """(build, skip reason, note, forced AVFAST_BACKEND) for one provider."""
     no_graphs = None if device.type == "cuda" else "CUDA graphs need a CUDA device"
     if name == "upstream_eager":
-        return (lambda: _step(upstream_loss, inputs, mode)), None, "", None
+        return (lambda: make_step(upstream_loss, inputs, mode)), None, "", None
     if name in ("upstream_compiled", "upstream_cudagraphs", "avfast_cudagraphs"):
         graphs = name.endswith("cudagraphs")
         f = avfast_loss if name.startswith("avfast") else upstream_loss
@@ -247,45 +210,29 @@ def _provider(name: str, device: torch.device, dtype: torch.dtype, inputs, mode:
 
         def build():
             reset_compiled_state()
-            return _step(torch.compile(f, dynamic=False, **kwargs), inputs, mode, graphs)
+            return make_step(torch.compile(f, dynamic=False, **kwargs), inputs, mode, cudagraphs=graphs)
 
-        note = _backend_note(None, device, dtype) if name.startswith("avfast") else ""
+        note = backend_note(BACKEND_OP, None, device, dtype) if name.startswith("avfast") else ""
         forced = "" if name.startswith("avfast") else None
         return build, (no_graphs if graphs else None), note, forced
     if name == "inf_cl":
-        return (lambda: _step(inf_cl_loss, inputs, mode)), _inf_cl_skip(device), "", None
+        return (lambda: make_step(inf_cl_loss, inputs, mode)), _inf_cl_skip(device), "", None
     backend = FORCED_BACKEND[name]
-    if backend == "triton":
-        skip = _triton_skip(device, dtype)
-    else:
-        skip = _backend.unavailable_reason(backend, BACKEND_OP, device, dtype) if backend else None
-    return (lambda: _step(avfast_loss, inputs, mode)), skip, _backend_note(backend, device, dtype), backend
+    return ((lambda: make_step(avfast_loss, inputs, mode)), backend_skip(BACKEND_OP, backend, device, dtype),
+            backend_note(BACKEND_OP, backend, device, dtype), backend)
 
 
 def _run_case(s: LossShape, providers, device, dtype, timing, hbm_bw) -> tuple[Case, list]:
-    elem = torch.empty((), dtype=dtype).element_size()
-    case = Case(OP, s.name, asdict(s), hbm_bytes(s, elem))
+    case = Case(OP, s.name, asdict(s), hbm_bytes(s, element_size(dtype)))
     inputs = _inputs(s, device, dtype)
-    results = []
-    for name in providers:
-        for mode in MODES:
-            build, skip, note, forced = _provider(name, device, dtype, inputs, mode)
-            # forced: a backend name to set, "" to unset (automatic choice), None to leave as is
-            env = env_var("AVFAST_BACKEND", forced or None) if forced is not None else nullcontext()
-            with env:
-                results.append(run_provider(case, name, PROVIDERS[name], mode, build, device=device,
-                                            dtype=dtype, timing=timing, skip=skip, note=note, hbm_bw=hbm_bw))
-            print_row(result_row(results[-1], {}))
+    results = measure_case(case, providers, PROVIDERS, partial(_provider, device, dtype, inputs),
+                           device=device, dtype=dtype, timing=timing, hbm_bw=hbm_bw)
     del inputs
     reset_compiled_state()  # frees this case's CUDA-graph pools
     return case, results
 
 
 # --------------------------------------------------------------------------------- check
-
-
-def _max_err(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float:
-    return max(float((a.double() - b.double()).abs().max()) for a, b in zip(got, want))
 
 
 def _reference_loss(z_a, z_v, valid=None, reduction="mean"):
@@ -315,59 +262,34 @@ def check(device: torch.device, dtype: torch.dtype, providers: Sequence[str] = C
     inputs = [t.to(dtype).requires_grad_() for t in inputs64]
     plain_out, plain_grads = _eval(upstream_loss, inputs, valid, dout)
     eps, eps32 = torch.finfo(dtype).eps, torch.finfo(torch.float32).eps
-    mag_out = max(1.0, float(want_out.abs().max()))
-    mag_grad = max(1.0, max(float(t.abs().max()) for t in want_grads))
-    bound_out = 2 * _max_err([plain_out], [want_out]) + (10 * eps + 4 * eps32 / TAU) * mag_out
-    bound_grad = 2 * _max_err(plain_grads, want_grads) + (10 * eps + 4 * eps32 / TAU) * mag_grad
-    print(f"check {OP} vs the reference in float64 ({device}, {str(dtype)[6:]}, {shape.name}, "
-          f"{len(CHECK_INVALID)} background samples):")
-    print(f"  {'provider':<18} {'out err':>10} {'bound':>10} {'grad err':>10} {'bound':>10}  result")
-    entries = []
-    for name in providers:
-        entry = {"provider": name, "out_err": None, "grad_err": None,
-                 "out_bound": bound_out, "grad_bound": bound_grad, "result": "SKIP", "reason": None}
-        backend = FORCED_BACKEND.get(name)
+    bound_out = check_bound([plain_out], [want_out], 10 * eps + 4 * eps32 / TAU)
+    bound_grad = check_bound(plain_grads, want_grads, 10 * eps + 4 * eps32 / TAU)
+
+    def reason(name: str) -> str | None:
         if name == "inf_cl":
-            entry["reason"] = _inf_cl_skip(device)
-        elif backend == "triton":
-            entry["reason"] = _triton_skip(device, dtype)
-        elif backend:
-            entry["reason"] = _backend.unavailable_reason(backend, BACKEND_OP, device, dtype)
-        if entry["reason"] is None:
-            f = {"upstream_eager": upstream_loss, "inf_cl": inf_cl_loss}.get(name, avfast_loss)
-            forced = env_var("AVFAST_BACKEND", backend or None) if backend is not None else nullcontext()
-            try:
-                with forced:
-                    out, grads = _eval(f, inputs, valid, dout)
-                entry["out_err"], entry["grad_err"] = _max_err([out], [want_out]), _max_err(grads, want_grads)
-                ok = entry["out_err"] <= bound_out and entry["grad_err"] <= bound_grad
-                entry["result"] = "PASS" if ok else "FAIL"
-            except Exception as err:  # noqa: BLE001
-                entry["reason"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
-                entry["result"] = "SKIP" if name == "inf_cl" else "FAIL"  # third-party: may not run here
-        entries.append(entry)
-        if entry["out_err"] is not None:
-            print(f"  {name:<18} {entry['out_err']:10.2e} {bound_out:10.2e} {entry['grad_err']:10.2e} "
-                  f"{bound_grad:10.2e}  {entry['result']}")
-        else:
-            print(f"  {name:<18} {'':>10} {'':>10} {'':>10} {'':>10}  {entry['result']}: {entry['reason']}")
-    passed = all(e["result"] != "FAIL" for e in entries)
-    print(f"  check {'PASSED' if passed else 'FAILED'}", flush=True)
-    return {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "shape": asdict(shape),
-            "invalid": list(CHECK_INVALID), "tau": TAU, "results": entries, "passed": passed}
+            return _inf_cl_skip(device)
+        return backend_skip(BACKEND_OP, FORCED_BACKEND.get(name), device, dtype)
+
+    def errors(name: str) -> tuple[float, float]:
+        f = {"upstream_eager": upstream_loss, "inf_cl": inf_cl_loss}.get(name, avfast_loss)
+        with backend_env(FORCED_BACKEND.get(name)):
+            out, grads = _eval(f, inputs, valid, dout)
+        return max_err([out], [want_out]), max_err(grads, want_grads)
+
+    entries, passed = check_providers(
+        f"check {OP} vs the reference in float64 ({device}, {str(dtype)[6:]}, {shape.name}, "
+        f"{len(CHECK_INVALID)} background samples):",
+        providers, bound_out, bound_grad, reason, errors, third_party=("inf_cl",))
+    return check_summary(device, dtype, shape, entries, passed, invalid=list(CHECK_INVALID), tau=TAU)
 
 
 def _check_markdown(result: dict[str, Any]) -> str:
-    lines = [f"## Check ({'PASSED' if result['passed'] else 'FAILED'})", "",
-             f"Per-block losses and the gradients of z_a, z_v vs avfast.reference in float64, {result['dtype']} "
-             f"on {result['device']}, shape `{result['shape']}`, background samples {result['invalid']}; bound = "
-             f"2x the error of upstream's formulation in {result['dtype']} + 10 ulp + the float32 logit term.", "",
-             "| provider | loss err | grad err | result |", "|---|---:|---:|---|"]
-    for e in result["results"]:
-        errs = [f"{e[k]:.2e}" if e[k] is not None else "-" for k in ("out_err", "grad_err")]
-        why = f" ({e['reason']})" if e["reason"] else ""
-        lines.append(f"| {e['provider']} | {errs[0]} | {errs[1]} | {e['result']}{why} |")
-    return "\n".join(lines) + "\n"
+    return check_markdown(
+        result, "Check",
+        f"Per-block losses and the gradients of z_a, z_v vs avfast.reference in float64, {result['dtype']} "
+        f"on {result['device']}, shape `{result['shape']}`, background samples {result['invalid']}; bound = "
+        f"2x the error of upstream's formulation in {result['dtype']} + 10 ulp + the float32 logit term.",
+        out_label="loss err")
 
 
 def _floor_markdown(cases: Sequence[dict[str, Any]]) -> str:
@@ -402,82 +324,28 @@ def run(
     all). cases: keep cases whose name contains one of these strings. With providers or
     cases given, the rows are merged into an existing JSON. Returns the payload written.
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if isinstance(dtype, str):
-        dtype = DTYPES[dtype]
-    dtype = dtype or (torch.float32 if quick else torch.bfloat16)
-    unknown = [p for p in providers or () if p not in PROVIDERS]
-    if unknown:
-        raise ValueError(f"unknown providers {unknown}; choose from {list(PROVIDERS)}")
-    ensure_triton_interpreter(device)
-    env = env_info(device)
-    slug = device_slug(env["gpu"])
-    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(slug, quick)
-    hbm_label, hbm_bw = peak_hbm(env["gpu"])
-    mm_label, mm_flops = peak_matmul(env["gpu"])
-    if dtype == torch.float32:
+    r = prepare_run("avfast bench blockwise-infonce", device, dtype, quick, out_dir, providers, PROVIDERS, notes=[
+        "All samples valid (no background) in the timed cases; tau = 0.07; loss = mean over blocks; "
+        "fwd+bwd is the gradient of that scalar loss w.r.t. z_a and z_v."])
+    mm_label, mm_flops = peak_matmul(r.env["gpu"])
+    if r.dtype == torch.float32:
         mm_flops /= 2  # TF32
+    check_result = check(r.device, r.dtype)
 
-    notes = ["All samples valid (no background) in the timed cases; tau = 0.07; loss = mean over blocks; "
-             "fwd+bwd is the gradient of that scalar loss w.r.t. z_a and z_v."]
-    if device.type != "cuda":
-        notes.append("CPU run: a smoke check of the kernels and the harness. These timings are NOT the GPU "
-                     "benchmark (Triton runs interpreted).")
-    if quick:
-        notes.append("--quick: tiny shapes and few repetitions"
-                     + (", one CPU thread." if device.type == "cpu" else "."))
-    banner = "=" * 88
-    print(banner)
-    print(f"avfast bench blockwise-infonce: {env['gpu']} ({device}), {str(dtype)[6:]}, torch {env['torch']}, "
-          f"triton {env['triton']}, commit {env['commit']}")
-    for n in notes:
-        print("NOTE: " + n)
-    print(banner, flush=True)
+    names = select(PROVIDERS, providers)
+    case_list, results = run_cases(r, [lambda s=s: _run_case(s, names, r.device, r.dtype, r.timing, r.hbm_bw)
+                                       for s in keep_cases(QUICK_SHAPES if quick else GPU_SHAPES, cases)])
 
-    check_result = check(device, dtype)
-
-    if device.type == "cuda":
-        timing = Timing(warmup_calls=3, warmup_ms=10, rep_ms=30) if quick else Timing(3, 50, 200)
-    else:
-        timing = Timing(warmup_calls=1, cpu_reps=3) if quick else Timing(warmup_calls=2, cpu_reps=10)
-    shapes = [s for s in (QUICK_SHAPES if quick else GPU_SHAPES) if not cases or any(c in s.name for c in cases)]
-    names = [p for p in PROVIDERS if not providers or p in providers]
-
-    warm_device(device, dtype)
-    case_list, results = [], []
-    threads = torch.get_num_threads()
-    if device.type == "cpu" and quick:
-        torch.set_num_threads(1)  # tiny shapes: idle intra-op threads only add scheduler stalls
-    try:
-        for s in shapes:
-            case, res = _run_case(s, names, device, dtype, timing, hbm_bw)
-            case_list.append(case)
-            results += res
-    finally:
-        torch.set_num_threads(threads)
-        reset_compiled_state()
-
-    def case_entry(c: Case) -> dict[str, Any]:
+    def matmul_entry(c: Case) -> dict[str, Any]:
         flops = matmul_flops(LossShape(**c.shape))
-        return {"op": c.op, "name": c.name, "shape": c.shape, "hbm_bytes": c.hbm_bytes,
-                "hbm_bandwidth_label": hbm_label, "hbm_bytes_per_s": hbm_bw,
-                "hbm_floor_ms": {m: b / hbm_bw * 1e3 for m, b in c.hbm_bytes.items()},
-                "matmul_flops": flops, "matmul_peak_label": mm_label, "matmul_flops_per_s": mm_flops,
+        return {"matmul_flops": flops, "matmul_peak_label": mm_label, "matmul_flops_per_s": mm_flops,
                 "matmul_floor_ms": {m: f / mm_flops * 1e3 for m, f in flops.items()}}
 
-    payload = {
-        "metadata": {
-            **env, "device": str(device), "device_slug": slug, "dtype": str(dtype).removeprefix("torch."),
-            "quick": quick, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "timing": asdict(timing), "tau": TAU, "notes": notes, "providers": PROVIDERS,
-        },
-        "check": check_result,
-        "cases": [case_entry(c) for c in case_list],
-        "rows": [result_row(r, env) for r in results],
-    }
-    return write_results(payload, out_dir, RESULTS_STEM, f"{OP}: avfast vs plain PyTorch",
+    payload = build_payload(r, check_result, case_list, results, PROVIDERS, metadata={"tau": TAU},
+                            extra_case=matmul_entry)
+    return write_results(payload, r.out_dir, RESULTS_STEM, f"{OP}: avfast vs plain PyTorch",
                          _floor_markdown(payload["cases"]) + "\n" + _check_markdown(check_result),
-                         device, merge=bool(providers or cases))
+                         r.device, merge=bool(providers or cases))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -489,10 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "reference and a smoke run of the harness, not a benchmark.",
         PROVIDERS, "K12-B256",
     )
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    payload = run(device=args.device, dtype=args.dtype, quick=args.quick, out_dir=args.out,
-                  providers=split_list(args.providers), cases=split_list(args.cases))
-    return 0 if payload["check"]["passed"] else 1
+    return bench_main(parser, run, argv)
 
 
 if __name__ == "__main__":

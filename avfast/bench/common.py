@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import gc
 import importlib.metadata
 import json
@@ -25,8 +26,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,13 +105,19 @@ def device_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
 
 
+def peak_lookup(name: str, table: Sequence[tuple[str, float]], default: tuple[str, float]) -> tuple[str, float]:
+    """(name, value) of the first ``table`` entry whose key is a substring of the device
+    name (case-insensitive), else ``default``."""
+    lowered = name.lower()
+    for key, value in table:
+        if key in lowered:
+            return name, value
+    return default
+
+
 def peak_hbm(name: str) -> tuple[str, float]:
     """(label, bytes/s) of the peak HBM bandwidth used for the floor estimates."""
-    lowered = name.lower()
-    for key, bw in PEAK_HBM_BYTES_PER_S:
-        if key in lowered:
-            return name, bw
-    return DEFAULT_PEAK_HBM
+    return peak_lookup(name, PEAK_HBM_BYTES_PER_S, DEFAULT_PEAK_HBM)
 
 
 def _version(dist: str) -> str | None:
@@ -567,3 +574,290 @@ def bench_parser(prog: str, description: str, providers: Sequence[str], case_exa
 def split_list(text: str | None) -> list[str] | None:
     """'a, b' -> ['a', 'b']; None or '' -> None."""
     return [x.strip() for x in text.split(",") if x.strip()] if text else None
+
+
+
+def select(names: Sequence[str], wanted: Sequence[str] | None) -> list[str]:
+    """``names`` in their order, restricted to ``wanted`` when given."""
+    return [n for n in names if not wanted or n in wanted]
+
+
+def keep_cases(shapes: Sequence[Any], cases: Sequence[str] | None) -> list[Any]:
+    """Shapes whose ``name`` contains one of ``cases`` (all when none given)."""
+    return [s for s in shapes if not cases or any(c in s.name for c in cases)]
+
+
+# ------------------------------------------------------------------ shared op helpers
+
+
+def backend_env(forced: str | None):
+    """AVFAST_BACKEND for one provider: a backend name to set, "" to unset (automatic
+    choice), None to leave as is."""
+    return env_var("AVFAST_BACKEND", forced or None) if forced is not None else nullcontext()
+
+
+def triton_skip(op: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the forced Triton backend of ``op`` is not measured here, or None."""
+    from avfast import _backend
+
+    reason = _backend.unavailable_reason("triton", op, device, dtype)
+    if reason is None and device.type == "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
+        return "TRITON_INTERPRET=1: the interpreter is not a benchmark (export TRITON_INTERPRET=0)"
+    if reason is None and device.type == "cpu":
+        return late_interpreter()
+    return reason
+
+
+def backend_skip(op: str, backend: str | None, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why a forced backend ("" / None: automatic, never skipped) is not measured here."""
+    from avfast import _backend
+
+    if backend == "triton":
+        return triton_skip(op, device, dtype)
+    return _backend.unavailable_reason(backend, op, device, dtype) if backend else None
+
+
+def backend_note(op: str, backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    """Row note of a forced backend ("" / None: what the automatic choice picks)."""
+    if not backend:
+        return auto_backend_note(op, device, dtype)
+    if device.type == "cpu" and backend == "triton":
+        return "Triton interpreter"
+    if device.type == "cpu" and backend == "cuda":
+        return "CUDA kernel code run serially on the host"
+    return ""
+
+
+def make_step(f: Callable, inputs: Sequence[torch.Tensor], mode: str, *, leaves: Sequence[torch.Tensor] | None = None,
+              dout: Any = None, ctx: Callable | None = None, cudagraphs: bool = False) -> Callable[[], Any]:
+    """One timed call: ``f(*inputs)`` under no_grad (fwd), or ``torch.autograd.grad`` of
+    ``dout`` (None: a scalar output) w.r.t. ``leaves`` (default: the inputs). ``ctx``: a
+    context factory entered around ``f``; ``cudagraphs``: mark a CUDA-graph step first."""
+    leaves = inputs if leaves is None else leaves
+    mark = torch.compiler.cudagraph_mark_step_begin if cudagraphs else (lambda: None)
+    if ctx is None:
+        if mode == "fwd":
+            def step():
+                mark()
+                with torch.no_grad():
+                    return f(*inputs)
+        else:
+            def step():
+                mark()
+                return torch.autograd.grad(f(*inputs), leaves, dout)
+        return step
+    if mode == "fwd":
+        def step():
+            mark()
+            with torch.no_grad(), ctx():
+                return f(*inputs)
+    else:
+        def step():
+            mark()
+            with ctx():
+                out = f(*inputs)
+            return torch.autograd.grad(out, leaves, dout)
+    return step
+
+
+def measure_case(case: Case, providers: Sequence[str], kinds: dict[str, str],
+                 provider: Callable[[str, str], tuple[Callable[[], Callable[[], Any]], str | None, str, str | None]],
+                 *, device: torch.device, dtype: torch.dtype, timing: Timing, hbm_bw: float | None = None) -> list[Result]:
+    """Rows of every provider in both modes; ``provider(name, mode)`` returns (build, skip
+    reason, note, forced AVFAST_BACKEND as in ``backend_env``)."""
+    results = []
+    for name in providers:
+        for mode in MODES:
+            build, skip, note, forced = provider(name, mode)
+            with backend_env(forced):
+                results.append(run_provider(case, name, kinds[name], mode, build, device=device,
+                                            dtype=dtype, timing=timing, skip=skip, note=note, hbm_bw=hbm_bw))
+            print_row(result_row(results[-1], {}))
+    return results
+
+
+def element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# ----------------------------------------------------------------------------- check
+
+
+def max_err(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float:
+    return max(float((a.double() - b.double()).abs().max()) for a, b in zip(got, want))
+
+
+def check_bound(plain: Sequence[torch.Tensor], want: Sequence[torch.Tensor], rel: float) -> float:
+    """2x the error of the plain formulation in the benchmark dtype plus ``rel`` times the
+    reference's magnitude (at least 1)."""
+    mag = max(1.0, max(float(t.abs().max()) for t in want))
+    return 2 * max_err(plain, want) + rel * mag
+
+
+def check_providers(title: str, providers: Sequence[str], bound_out: float, bound_grad: float,
+                    reason: Callable[[str], str | None], errors: Callable[[str], tuple[float, float]],
+                    third_party: Sequence[str] = ()) -> tuple[list[dict[str, Any]], bool]:
+    """Prints ``title`` and one line per provider; returns (entries, passed).
+
+    ``reason(name)``: why the provider is skipped, or None; ``errors(name)``: its (output,
+    gradient) errors. A provider that raises FAILs, except ``third_party`` ones (SKIP)."""
+    print(title)
+    print(f"  {'provider':<18} {'out err':>10} {'bound':>10} {'grad err':>10} {'bound':>10}  result")
+    entries = []
+    for name in providers:
+        entry = {"provider": name, "out_err": None, "grad_err": None,
+                 "out_bound": bound_out, "grad_bound": bound_grad, "result": "SKIP", "reason": reason(name)}
+        if entry["reason"] is None:
+            try:
+                entry["out_err"], entry["grad_err"] = errors(name)
+                ok = entry["out_err"] <= bound_out and entry["grad_err"] <= bound_grad
+                entry["result"] = "PASS" if ok else "FAIL"
+            except Exception as err:  # noqa: BLE001
+                entry["reason"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+                entry["result"] = "SKIP" if name in third_party else "FAIL"  # third-party: may not run here
+        entries.append(entry)
+        if entry["out_err"] is not None:
+            print(f"  {name:<18} {entry['out_err']:10.2e} {bound_out:10.2e} {entry['grad_err']:10.2e} "
+                  f"{bound_grad:10.2e}  {entry['result']}")
+        else:
+            print(f"  {name:<18} {'':>10} {'':>10} {'':>10} {'':>10}  {entry['result']}: {entry['reason']}")
+    passed = all(e["result"] != "FAIL" for e in entries)
+    print(f"  check {'PASSED' if passed else 'FAILED'}", flush=True)
+    return entries, passed
+
+
+def check_summary(device: torch.device, dtype: torch.dtype, shape: Any, entries: list[dict[str, Any]],
+                  passed: bool, **extra: Any) -> dict[str, Any]:
+    """The check's JSON entry: device, dtype, shape, ``extra`` (scale, tau, ...), results, passed."""
+    return {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "shape": dataclasses.asdict(shape),
+            **extra, "results": entries, "passed": passed}
+
+
+def check_markdown(result: dict[str, Any], heading: str, description: str, out_label: str = "out err") -> str:
+    """``## <heading> (PASSED|FAILED)``, ``description`` and one table row per provider."""
+    lines = [f"## {heading} ({'PASSED' if result['passed'] else 'FAILED'})", "", description, "",
+             f"| provider | {out_label} | grad err | result |", "|---|---:|---:|---|"]
+    for e in result["results"]:
+        errs = [f"{e[k]:.2e}" if e[k] is not None else "-" for k in ("out_err", "grad_err")]
+        why = f" ({e['reason']})" if e["reason"] else ""
+        lines.append(f"| {e['provider']} | {errs[0]} | {errs[1]} | {e['result']}{why} |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------ run()
+
+
+@dataclass
+class BenchRun:
+    """What ``prepare_run`` resolved: device, dtype, environment, output folder, the HBM
+    peak, the timing settings and the notes."""
+
+    device: torch.device
+    dtype: torch.dtype
+    quick: bool
+    env: dict[str, Any]
+    slug: str
+    out_dir: Path
+    hbm_label: str
+    hbm_bw: float
+    timing: Timing
+    notes: list[str]
+
+
+def run_timing(device: torch.device, quick: bool) -> Timing:
+    if device.type == "cuda":
+        return Timing(warmup_calls=3, warmup_ms=10, rep_ms=30) if quick else Timing(3, 50, 200)
+    return Timing(warmup_calls=1, cpu_reps=3) if quick else Timing(warmup_calls=2, cpu_reps=10)
+
+
+def prepare_run(command: str, device: str | torch.device | None, dtype: torch.dtype | str | None, quick: bool,
+                out_dir: str | os.PathLike | None, providers: Sequence[str] | None, known: Sequence[str], *,
+                notes: Sequence[str] = (), cpu_detail: str = "Triton runs interpreted",
+                validate: Callable[[], None] | None = None) -> BenchRun:
+    """The run() prologue: device (default cuda when available) and dtype (default bf16,
+    fp32 with ``quick``); unknown ``providers`` (not in ``known``) and then ``validate()``
+    raise ValueError; Triton interpreter on CPU; environment, output folder, HBM peak,
+    timing; prints the banner with ``notes`` (op notes, then the CPU and quick notes)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if isinstance(dtype, str):
+        dtype = DTYPES[dtype]
+    dtype = dtype or (torch.float32 if quick else torch.bfloat16)
+    unknown = [p for p in providers or () if p not in known]
+    if unknown:
+        raise ValueError(f"unknown providers {unknown}; choose from {list(known)}")
+    if validate is not None:
+        validate()
+    ensure_triton_interpreter(device)
+    env = env_info(device)
+    slug = device_slug(env["gpu"])
+    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(slug, quick)
+    hbm_label, hbm_bw = peak_hbm(env["gpu"])
+
+    notes = list(notes)
+    if device.type != "cuda":
+        notes.append("CPU run: a smoke check of the kernels and the harness. These timings are NOT the GPU "
+                     f"benchmark ({cpu_detail}).")
+    if quick:
+        notes.append("--quick: tiny shapes and few repetitions" + (", one CPU thread." if device.type == "cpu" else "."))
+    banner = "=" * 88
+    print(banner)
+    print(f"{command}: {env['gpu']} ({device}), {str(dtype)[6:]}, torch {env['torch']}, "
+          f"triton {env['triton']}, commit {env['commit']}")
+    for n in notes:
+        print("NOTE: " + n)
+    print(banner, flush=True)
+    return BenchRun(device, dtype, quick, env, slug, out_dir, hbm_label, hbm_bw, run_timing(device, quick), notes)
+
+
+def run_cases(run: BenchRun, jobs: Iterable[Callable[[], tuple[Case, list[Result]]]]) -> tuple[list[Case], list[Result]]:
+    """Warms the device and runs each job (one case each); on CPU with --quick, one thread.
+    Restores the thread count and drops compiled state afterwards."""
+    warm_device(run.device, run.dtype)
+    case_list, results = [], []
+    threads = torch.get_num_threads()
+    if run.device.type == "cpu" and run.quick:
+        torch.set_num_threads(1)  # tiny shapes: idle intra-op threads only add scheduler stalls
+    try:
+        for job in jobs:
+            case, res = job()
+            case_list.append(case)
+            results += res
+    finally:
+        torch.set_num_threads(threads)
+        reset_compiled_state()
+    return case_list, results
+
+
+def case_entry(run: BenchRun, c: Case) -> dict[str, Any]:
+    """A case's JSON entry, with the HBM floor when the case has byte estimates."""
+    entry = {"op": c.op, "name": c.name, "shape": c.shape, "hbm_bytes": c.hbm_bytes}
+    if c.hbm_bytes:
+        entry.update(hbm_bandwidth_label=run.hbm_label, hbm_bytes_per_s=run.hbm_bw,
+                     hbm_floor_ms={m: b / run.hbm_bw * 1e3 for m, b in c.hbm_bytes.items()})
+    return entry
+
+
+def build_payload(run: BenchRun, check_result: dict[str, Any], case_list: Sequence[Case], results: Sequence[Result],
+                  providers: dict[str, str], metadata: dict[str, Any] | None = None,
+                  extra_case: Callable[[Case], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """{metadata, check, cases, rows}; ``metadata`` (scale, tau, ...) goes between the
+    timing and the notes, ``extra_case(c)`` is appended to each case entry."""
+    return {
+        "metadata": {
+            **run.env, "device": str(run.device), "device_slug": run.slug, "dtype": str(run.dtype).removeprefix("torch."),
+            "quick": run.quick, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "timing": dataclasses.asdict(run.timing), **(metadata or {}), "notes": run.notes, "providers": providers,
+        },
+        "check": check_result,
+        "cases": [{**case_entry(run, c), **(extra_case(c) if extra_case else {})} for c in case_list],
+        "rows": [result_row(r, run.env) for r in results],
+    }
+
+
+def bench_main(parser, run: Callable[..., dict[str, Any]], argv: Sequence[str] | None, extra: Sequence[str] = ()) -> int:
+    """Parses ``argv`` with a ``bench_parser`` and calls ``run``; 1 when the check fails."""
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    payload = run(device=args.device, dtype=args.dtype, quick=args.quick, out_dir=args.out,
+                  providers=split_list(args.providers), cases=split_list(args.cases),
+                  **{k: getattr(args, k) for k in extra})
+    return 0 if payload["check"]["passed"] else 1

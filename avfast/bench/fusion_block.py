@@ -16,22 +16,18 @@ Run through ``avfast.bench.av_pair_attention.run`` (``--level block``).
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
 
 from avfast.bench.common import (
-    MODES,
     Case,
     Result,
     Timing,
     auto_backend_note,
-    env_var,
-    print_row,
+    make_step,
+    measure_case,
     reset_compiled_state,
-    result_row,
-    run_provider,
 )
 
 BLOCK_OP = "dense_fusion_block"
@@ -71,18 +67,7 @@ QUICK_BLOCK_SHAPES = (BlockShape(2, 6, 10, 4, D=64, heads=4, fusion_tkns=(4, 2, 
 def _module_step(module, call, tokens, dout, mode: str, graphs: bool = False):
     """One timed call of ``call(*tokens)``: under no_grad (fwd), or with autograd.grad of
     dout w.r.t. the tokens and ``module``'s parameters (fwd+bwd)."""
-    leaves = [*tokens, *module.parameters()]
-    mark = torch.compiler.cudagraph_mark_step_begin if graphs else (lambda: None)
-    if mode == "fwd":
-        def step():
-            mark()
-            with torch.no_grad():
-                return call(*tokens)
-    else:
-        def step():
-            mark()
-            return torch.autograd.grad(call(*tokens), leaves, dout)
-    return step
+    return make_step(call, tokens, mode, leaves=[*tokens, *module.parameters()], dout=dout, cudagraphs=graphs)
 
 
 def run_case(s: BlockShape, providers, device: torch.device, dtype: torch.dtype,
@@ -109,36 +94,28 @@ def run_case(s: BlockShape, providers, device: torch.device, dtype: torch.dtype,
     x_fusion_fact, dout_fact = rand(s.B, n_fact, s.D).requires_grad_(), rand(s.B, n_fact, s.D)
     dense = (x_fusion, x_image, x_audio)
 
-    results = []
-    for name in providers:
-        for mode in MODES:
-            skip, note, forced = None, "", None  # forced: AVFAST_BACKEND, "" = unset (auto)
-            if name == "upstream_literal":
-                build = lambda mode=mode: _module_step(upstream, upstream, dense, dout, mode)  # noqa: E731
-            elif name == "upstream_factorized":
-                note = f"approximation: aggregation tokens, x_fusion has {n_fact} tokens {s.fusion_tkns}"
-                build = lambda mode=mode: _module_step(  # noqa: E731
-                    factorized, factorized, (x_fusion_fact, x_image, x_audio), dout_fact, mode)
-            elif name == "avfast_dense_reference":
-                forced = "reference"
-                build = lambda mode=mode: _module_step(ours, ours, dense, dout, mode)  # noqa: E731
-            else:
-                forced, note = "", auto_backend_note(PAIR_OP, device, dtype)
-                graphs = name == "avfast_dense_cudagraphs"
-                if graphs and device.type != "cuda":
-                    skip = "CUDA graphs need a CUDA device"
+    def provider(name: str, mode: str):
+        """(build, skip reason, note, forced AVFAST_BACKEND: "" = unset (auto))."""
+        if name == "upstream_literal":
+            return (lambda: _module_step(upstream, upstream, dense, dout, mode)), None, "", None
+        if name == "upstream_factorized":
+            note = f"approximation: aggregation tokens, x_fusion has {n_fact} tokens {s.fusion_tkns}"
+            return (lambda: _module_step(factorized, factorized, (x_fusion_fact, x_image, x_audio), dout_fact, mode),
+                    None, note, None)
+        if name == "avfast_dense_reference":
+            return (lambda: _module_step(ours, ours, dense, dout, mode)), None, "", "reference"
+        graphs = name == "avfast_dense_cudagraphs"
+        skip = "CUDA graphs need a CUDA device" if graphs and device.type != "cuda" else None
 
-                def build(mode=mode, graphs=graphs, compiled=name != "avfast_dense"):
-                    call = ours
-                    if compiled:
-                        reset_compiled_state()
-                        call = torch.compile(ours, dynamic=False, **({"mode": "reduce-overhead"} if graphs else {}))
-                    return _module_step(ours, call, dense, dout, mode, graphs)
+        def build(compiled=name != "avfast_dense"):
+            call = ours
+            if compiled:
+                reset_compiled_state()
+                call = torch.compile(ours, dynamic=False, **({"mode": "reduce-overhead"} if graphs else {}))
+            return _module_step(ours, call, dense, dout, mode, graphs)
 
-            env = env_var("AVFAST_BACKEND", forced or None) if forced is not None else nullcontext()
-            with env:
-                results.append(run_provider(case, name, BLOCK_PROVIDERS[name], mode, build, device=device,
-                                            dtype=dtype, timing=timing, skip=skip, note=note))
-            print_row(result_row(results[-1], {}))
+        return build, skip, auto_backend_note(PAIR_OP, device, dtype), ""
+
+    results = measure_case(case, providers, BLOCK_PROVIDERS, provider, device=device, dtype=dtype, timing=timing)
     reset_compiled_state()  # frees this case's CUDA-graph pools
     return case, results
