@@ -11,77 +11,28 @@
 // order: the results must not change (a check for data races between threads of a phase).
 #include "av_adapter_attention.h"
 
-#include <cstdlib>
 #include <cstring>
-#include <sstream>
-#include <string>
 #include <vector>
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include "common/launch.h"
 
 namespace avfast {
 namespace av_adapter {
 namespace {
 
-constexpr const char* kOp = "av_adapter_attention";
-
-std::string dtype_str(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return "torch.float32";
-    case at::kHalf: return "torch.float16";
-    case at::kBFloat16: return "torch.bfloat16";
-    case at::kDouble: return "torch.float64";
-    default: return std::string("torch.") + c10::toString(t);
-  }
-}
-
-std::string shape_str(at::IntArrayRef s) {
-  std::ostringstream os;
-  os << "(";
-  for (size_t i = 0; i < s.size(); ++i) os << (i ? ", " : "") << s[i];
-  os << (s.size() == 1 ? ",)" : ")");
-  return os.str();
-}
-
-// expected: -1 = any size (shown as "*"). Shape, then dtype (h_a's, or float32 when fp32
-// is set), then device (h_a's).
+// Shape, then dtype (h_a's, or float32 when fp32 is set), then device (h_a's).
 void check_tensor(const at::Tensor& t, const char* name, const char* dims,
                   const std::vector<int64_t>& expected, const at::Tensor& h_a, bool fp32 = false) {
-  bool ok = t.dim() == static_cast<int64_t>(expected.size());
-  for (size_t i = 0; ok && i < expected.size(); ++i) ok = expected[i] < 0 || t.size(i) == expected[i];
-  if (!ok) {
-    std::ostringstream os;
-    os << "(";
-    for (size_t i = 0; i < expected.size(); ++i) {
-      os << (i ? ", " : "");
-      if (expected[i] < 0) os << "*";
-      else os << expected[i];
-    }
-    os << (expected.size() == 1 ? ",)" : ")");
-    TORCH_CHECK_VALUE(false, kOp, ": ", name, " must be ", dims, " = ", os.str(), ", got ",
-                      shape_str(t.sizes()));
-  }
-  if (fp32) {
-    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, kOp, ": ", name, " must be float32, got ",
-                     dtype_str(t.scalar_type()));
-  } else {
-    TORCH_CHECK_TYPE(t.scalar_type() == h_a.scalar_type(), kOp, ": ", name,
-                     " must have h_a's dtype ", dtype_str(h_a.scalar_type()), ", got ",
-                     dtype_str(t.scalar_type()));
-  }
-  TORCH_CHECK_VALUE(t.device() == h_a.device(), kOp, ": ", name, " must be on h_a's device ",
-                    h_a.device(), ", got ", t.device());
+  avfast::check_tensor(kOp, "h_a", t, name, dims, expected, h_a, fp32);
 }
 
 // h_a (N, La, r) float32/float16/bfloat16, h_v (N, Lv, r), gates (N,) float32.
 void check_inputs(const at::Tensor& h_a, const at::Tensor& h_v, const at::Tensor& gate_a,
                   const at::Tensor& gate_v) {
-  TORCH_CHECK_VALUE(h_a.dim() == 3, kOp, ": h_a must be (N, La, r), got ", shape_str(h_a.sizes()));
-  const auto dt = h_a.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, kOp,
-                   ": h_a must be float32, float16 or bfloat16, got ", dtype_str(dt));
+  check_main_tensor(kOp, h_a, "h_a", 3, "(N, La, r)");
   const int64_t N = h_a.size(0), r = h_a.size(2);
   check_tensor(h_v, "h_v", "(N, Lv, r)", {N, -1, r}, h_a);
   check_tensor(gate_a, "gate_a", "(N,)", {N}, h_a, /*fp32=*/true);
@@ -204,45 +155,12 @@ BwdCall prepare_bwd(const at::Tensor& dout_a, const at::Tensor& dout_v, const at
 
 namespace {
 
-// Runs one thread block on the host: each phase is executed by every emulated thread in
-// turn (see the comment at the top of this file and in kernel.cuh).
-template <class Regs>
-struct HostExec {
-  int threads;
-  bool reverse;
-  std::vector<Regs> regs;
-  HostExec(int t, bool rev) : threads(t), reverse(rev), regs(t) {}
-  template <class Fn>
-  void phase(Fn&& fn) {
-    for (int i = 0; i < threads; ++i) {
-      const int tid = reverse ? threads - 1 - i : i;
-      fn(tid, regs[tid]);
-    }
-  }
-};
-
-bool host_reverse_order() {
-  const char* e = std::getenv("AVFAST_HOST_THREAD_ORDER");
-  return e != nullptr && std::strcmp(e, "reverse") == 0;
-}
-
-// Runs the blocks of a launch on the host, in parallel over blocks.
-template <class Regs, class P, class Block>
-void run_host(const P& p, int64_t num_blocks, Block&& block) {
-  const bool reverse = host_reverse_order();
-  at::parallel_for(0, num_blocks, 1, [&](int64_t begin, int64_t end) {
-    HostExec<Regs> ex(p.threads, reverse);
-    std::vector<F4> smem((p.smem_floats + 3) / 4);
-    for (int64_t blk = begin; blk < end; ++blk) block(ex, blk, reinterpret_cast<float*>(smem.data()));
-  });
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
     const at::Tensor& h_a, const at::Tensor& h_v, const at::Tensor& gate_a,
     const at::Tensor& gate_v, double scale) {
   FwdCall c = prepare_fwd(h_a, h_v, gate_a, gate_v, scale, kSmemBudget);
   const FwdParams& p = c.p;
-  dispatch_dtype(h_a.scalar_type(), [&](auto tag) {
+  dispatch_dtype(kOp, h_a.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     run_host<FwdRegs>(p, c.num_blocks, [&](HostExec<FwdRegs>& ex, int64_t blk, float* smem) {
       fwd_block<scalar_t>(ex, p, blk, smem);
@@ -259,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
   BwdCall c = prepare_bwd(dout_a, dout_v, h_a, h_v, gate_a, gate_v, o_a, o_v, lse_a, lse_v,
                           scale, kSmemBudget);
   const BwdParams& p = c.p;
-  dispatch_dtype(h_a.scalar_type(), [&](auto tag) {
+  dispatch_dtype(kOp, h_a.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     run_host<BwdRegs>(p, c.num_blocks, [&](HostExec<BwdRegs>& ex, int64_t blk, float* smem) {
       bwd_block<scalar_t>(ex, p, blk, smem);

@@ -3,12 +3,14 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <c10/util/Exception.h>
 
+#include "common/checks.h"
 #include "kernel.cuh"
 
 namespace avfast {
 namespace av_adapter {
+
+constexpr const char* kOp = "av_adapter_attention";  // error messages: "av_adapter_attention: ..."
 
 struct FwdCall {
   FwdParams p;
@@ -31,17 +33,6 @@ BwdCall prepare_bwd(const at::Tensor& dout_a, const at::Tensor& dout_v, const at
                     const at::Tensor& h_v, const at::Tensor& gate_a, const at::Tensor& gate_v,
                     const at::Tensor& o_a, const at::Tensor& o_v, const at::Tensor& lse_a,
                     const at::Tensor& lse_v, double scale, int64_t smem_budget);
-
-// Calls fn(scalar_t{}) for the kernel dtypes: float, c10::Half, c10::BFloat16.
-template <class Fn>
-void dispatch_dtype(at::ScalarType dt, Fn&& fn) {
-  switch (dt) {
-    case at::kFloat: fn(float{}); break;
-    case at::kHalf: fn(c10::Half{}); break;
-    case at::kBFloat16: fn(c10::BFloat16{}); break;
-    default: TORCH_CHECK(false, "av_adapter_attention: unsupported dtype ", dt);
-  }
-}
 
 }  // namespace av_adapter
 }  // namespace avfast

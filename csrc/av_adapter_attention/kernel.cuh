@@ -19,13 +19,10 @@
 // dS^T h_v, split by the rows they produce). Each block owns rows of one side and
 // recomputes its scores, so blocks never share outputs: no atomics, no second pass.
 //
-// Execution model. As in av_pair_attention/kernel.cuh: a kernel is a sequence of
-// *phases* separated by block barriers. A phase is a per-thread function (tid, regs) that
-// reads and writes shared memory (smem), global memory and the thread's registers, and
-// never reads what another thread writes in the same phase. `ex.phase(fn)` is
-// `fn(threadIdx.x, regs); __syncthreads();` on the GPU (DeviceExec,
-// av_adapter_attention.cu) and `for tid in 0..T: fn(tid, regs[tid])` on the host
-// (HostExec, av_adapter_attention.cpp). No warp shuffles, no atomics.
+// Execution model: see common/block_exec.cuh. A kernel is a sequence of phases separated
+// by block barriers; `ex.phase(fn)` is run by DeviceExec on the GPU
+// (av_adapter_attention.cu) and by HostExec on the host (av_adapter_attention.cpp). No
+// warp shuffles, no atomics.
 //
 // Tiling. One launch per direction (fwd, bwd) over blocks (side, frame, tile of fq query
 // rows): side 0's blocks first, then side 1's. A block streams over the keys of its frame
@@ -36,24 +33,9 @@
 // P X_o-like products accumulate in registers, one owner thread per (row, 4-wide slice).
 #pragma once
 
-#include <cmath>
 #include <cstdint>
-#include <cstring>
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
-#ifndef AVF_HD
-#if defined(__CUDACC__)
-#define AVF_HD __host__ __device__
-#define AVF_FI __forceinline__
-#define AVF_UNROLL _Pragma("unroll")
-#else
-#define AVF_HD
-#define AVF_FI inline
-#define AVF_UNROLL
-#endif
-#endif
+#include "common/block_exec.cuh"
 
 namespace avfast {
 namespace av_adapter {
@@ -126,13 +108,6 @@ struct BwdParams {
 // Planning (host). Deterministic in the shapes and the budget only, so that the host
 // execution runs exactly the tiling that the GPU runs.
 // ---------------------------------------------------------------------------------------
-// Shared-memory row stride (floats) for rows read as 16-byte vectors: a multiple of 4 with
-// an odd quotient, so 8 consecutive rows hit 8 distinct 16-byte bank groups.
-inline int smem_ld(int d) {
-  int ld = (d + 3) / 4 * 4;
-  if (((ld / 4) & 1) == 0) ld += 4;
-  return ld;
-}
 AVF_HD AVF_FI int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 AVF_HD AVF_FI int64_t round_up(int64_t a, int64_t b) { return cdiv(a, b) * b; }
 
@@ -202,104 +177,6 @@ inline bool plan_side(SidePlan& s, int64_t nq, int64_t nk, int r, int ldr, int r
 // ---------------------------------------------------------------------------------------
 // Small helpers
 // ---------------------------------------------------------------------------------------
-struct alignas(16) F4 {
-  float x, y, z, w;
-};
-
-AVF_HD AVF_FI F4 f4_zero() { return F4{0.f, 0.f, 0.f, 0.f}; }
-
-AVF_HD AVF_FI F4 ld4(const float* ptr) {  // 16-byte load from shared memory
-#if defined(__CUDA_ARCH__)
-  return *reinterpret_cast<const F4*>(ptr);
-#else
-  F4 r;
-  std::memcpy(&r, ptr, sizeof(F4));
-  return r;
-#endif
-}
-
-AVF_HD AVF_FI void st4(float* ptr, F4 x) {  // 16-byte store to shared memory
-#if defined(__CUDA_ARCH__)
-  *reinterpret_cast<F4*>(ptr) = x;
-#else
-  std::memcpy(ptr, &x, sizeof(F4));
-#endif
-}
-
-AVF_HD AVF_FI float dot4(F4 a, F4 b, float acc) {
-  acc += a.x * b.x;
-  acc += a.y * b.y;
-  acc += a.z * b.z;
-  acc += a.w * b.w;
-  return acc;
-}
-
-AVF_HD AVF_FI F4 axpy4(float a, F4 x, F4 y) {  // y + a x
-  return F4{y.x + a * x.x, y.y + a * x.y, y.z + a * x.z, y.w + a * x.w};
-}
-
-AVF_HD AVF_FI F4 scale4(F4 x, float a) { return F4{x.x * a, x.y * a, x.z * a, x.w * a}; }
-
-AVF_HD AVF_FI float f4_get(const F4& v, int e) {
-  return e == 0 ? v.x : (e == 1 ? v.y : (e == 2 ? v.z : v.w));
-}
-
-AVF_HD AVF_FI float avf_exp(float x) {
-#if defined(__CUDA_ARCH__)
-  return expf(x);
-#else
-  return std::exp(x);
-#endif
-}
-
-AVF_HD AVF_FI float avf_log(float x) {
-#if defined(__CUDA_ARCH__)
-  return logf(x);
-#else
-  return std::log(x);
-#endif
-}
-
-AVF_HD AVF_FI float avf_max(float a, float b) { return a > b ? a : b; }
-AVF_HD AVF_FI int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-
-template <class T>
-AVF_HD AVF_FI float to_f(T x) {
-  return static_cast<float>(x);
-}
-
-template <class T>
-struct alignas(4 * sizeof(T)) Pack4 {
-  T v[4];
-};
-
-// 4 consecutive elements from global memory; ptr aligned to 4 elements.
-template <class T>
-AVF_HD AVF_FI F4 ld4_global(const T* ptr) {
-  Pack4<T> pk;
-#if defined(__CUDA_ARCH__)
-  pk = *reinterpret_cast<const Pack4<T>*>(ptr);
-#else
-  std::memcpy(&pk, ptr, sizeof(pk));
-#endif
-  return F4{to_f(pk.v[0]), to_f(pk.v[1]), to_f(pk.v[2]), to_f(pk.v[3])};
-}
-
-// 4 consecutive elements to global memory; ptr aligned to 4 elements.
-template <class T>
-AVF_HD AVF_FI void st4_global(T* ptr, F4 x) {
-  Pack4<T> pk;
-  pk.v[0] = static_cast<T>(x.x);
-  pk.v[1] = static_cast<T>(x.y);
-  pk.v[2] = static_cast<T>(x.z);
-  pk.v[3] = static_cast<T>(x.w);
-#if defined(__CUDA_ARCH__)
-  *reinterpret_cast<Pack4<T>*>(ptr) = pk;
-#else
-  std::memcpy(ptr, &pk, sizeof(pk));
-#endif
-}
-
 // Elements [d, d + 4) of a row (element stride sd), zero past d_max. vec: one 4-element load.
 template <class T>
 AVF_HD AVF_FI F4 ld_row4(const T* row, int64_t sd, int d, int d_max, bool vec) {
@@ -352,20 +229,6 @@ AVF_HD AVF_FI void load_rows(int tid, int nthreads, float* dst, int rows, int ld
       ++i;
     }
   }
-}
-
-// acc + sum_{j < kn} w[j] * x[j * ldx .. + 4]: a row of P times 4 columns of a tile.
-AVF_HD AVF_FI F4 row_times_tile(const float* w, const float* x, int ldx, int kn, F4 acc) {
-  int j = 0;
-  for (; j + 4 <= kn; j += 4) {
-    const F4 wj = ld4(w + j);
-    acc = axpy4(wj.x, ld4(x + j * ldx), acc);
-    acc = axpy4(wj.y, ld4(x + (j + 1) * ldx), acc);
-    acc = axpy4(wj.z, ld4(x + (j + 2) * ldx), acc);
-    acc = axpy4(wj.w, ld4(x + (j + 3) * ldx), acc);
-  }
-  for (; j < kn; ++j) acc = axpy4(w[j], ld4(x + j * ldx), acc);
-  return acc;
 }
 
 // acc + sum_{j < kn} (w1[j] x1[j, ..] + w2[j] x2[j, ..]), both tiles with row stride ldx.

@@ -12,71 +12,23 @@
 // between threads of one phase).
 #include "av_pair_attention.h"
 
-#include <cstdlib>
 #include <cstring>
-#include <sstream>
-#include <string>
 #include <vector>
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include "common/launch.h"
 
 namespace avfast {
 namespace av_pair {
 namespace {
 
-constexpr const char* kOp = "av_pair_attention";
-
-std::string dtype_str(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return "torch.float32";
-    case at::kHalf: return "torch.float16";
-    case at::kBFloat16: return "torch.bfloat16";
-    case at::kDouble: return "torch.float64";
-    case at::kBool: return "torch.bool";
-    case at::kLong: return "torch.int64";
-    case at::kInt: return "torch.int32";
-    case at::kByte: return "torch.uint8";
-    default: return std::string("torch.") + c10::toString(t);
-  }
-}
-
-std::string shape_str(at::IntArrayRef s) {
-  std::ostringstream os;
-  os << "(";
-  for (size_t i = 0; i < s.size(); ++i) os << (i ? ", " : "") << s[i];
-  os << (s.size() == 1 ? ",)" : ")");
-  return os.str();
-}
-
-// expected: -1 = any size (shown as "*"). Shape, then dtype (q's, or float32 when
-// fp32 is set), then device; the messages match avfast/ops/av_pair_attention.py.
+// Shape, then dtype (q's, or float32 when fp32 is set), then device; the messages match
+// avfast/ops/av_pair_attention.py.
 void check_tensor(const at::Tensor& t, const char* name, const char* dims,
                   const std::vector<int64_t>& expected, const at::Tensor& q, bool fp32 = false) {
-  bool ok = t.dim() == static_cast<int64_t>(expected.size());
-  for (size_t i = 0; ok && i < expected.size(); ++i) ok = expected[i] < 0 || t.size(i) == expected[i];
-  if (!ok) {
-    std::ostringstream os;
-    os << "(";
-    for (size_t i = 0; i < expected.size(); ++i) {
-      os << (i ? ", " : "");
-      if (expected[i] < 0) os << "*";
-      else os << expected[i];
-    }
-    os << (expected.size() == 1 ? ",)" : ")");
-    TORCH_CHECK_VALUE(false, kOp, ": ", name, " must be ", dims, " = ", os.str(), ", got ",
-                      shape_str(t.sizes()));
-  }
-  if (fp32) {
-    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, kOp, ": ", name, " must be float32, got ",
-                     dtype_str(t.scalar_type()));
-  } else {
-    TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), kOp, ": ", name, " must have q's dtype ",
-                     dtype_str(q.scalar_type()), ", got ", dtype_str(t.scalar_type()));
-  }
-  TORCH_CHECK_VALUE(t.device() == q.device(), kOp, ": ", name, " must be on q's device ", q.device(),
-                    ", got ", t.device());
+  avfast::check_tensor(kOp, "q", t, name, dims, expected, q, fp32);
 }
 
 void check_mask(const std::optional<at::Tensor>& m, const char* name, const char* dims, int64_t B,
@@ -94,10 +46,7 @@ void check_mask(const std::optional<at::Tensor>& m, const char* name, const char
 void check_qkv(const at::Tensor& q, const at::Tensor& k_a, const at::Tensor& v_a,
                const at::Tensor& k_v, const at::Tensor& v_v,
                const std::optional<at::Tensor>& mask_a, const std::optional<at::Tensor>& mask_v) {
-  TORCH_CHECK_VALUE(q.dim() == 4, kOp, ": q must be (B, F, H, Dq), got ", shape_str(q.sizes()));
-  const auto dt = q.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, kOp,
-                   ": q must be float32, float16 or bfloat16, got ", dtype_str(dt));
+  check_main_tensor(kOp, q, "q", 4, "(B, F, H, Dq)");
   const int64_t B = q.size(0), H = q.size(2), Dq = q.size(3);
   check_tensor(k_a, "k_a", "(B, Na, H, Dq)", {B, -1, H, Dq}, q);
   check_tensor(k_v, "k_v", "(B, Nv, H, Dq)", {B, -1, H, Dq}, q);
@@ -231,28 +180,6 @@ BwdCall prepare_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tenso
 
 namespace {
 
-// Runs one thread block on the host: each phase is executed by every emulated thread in
-// turn (see the comment at the top of this file and in kernel.cuh).
-template <class Regs>
-struct HostExec {
-  int threads;
-  bool reverse;
-  std::vector<Regs> regs;
-  HostExec(int t, bool rev) : threads(t), reverse(rev), regs(t) {}
-  template <class Fn>
-  void phase(Fn&& fn) {
-    for (int i = 0; i < threads; ++i) {
-      const int tid = reverse ? threads - 1 - i : i;
-      fn(tid, regs[tid]);
-    }
-  }
-};
-
-bool host_reverse_order() {
-  const char* e = std::getenv("AVFAST_HOST_THREAD_ORDER");
-  return e != nullptr && std::strcmp(e, "reverse") == 0;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
     const at::Tensor& q, const at::Tensor& k_a, const at::Tensor& v_a, const at::Tensor& k_v,
     const at::Tensor& v_v, const std::optional<at::Tensor>& v_bias,
@@ -260,14 +187,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
     double scale) {
   FwdCall c = prepare_fwd(q, k_a, v_a, k_v, v_v, v_bias, mask_a, mask_v, scale);
   const FwdParams& p = c.p;
-  const bool reverse = host_reverse_order();
-  dispatch_dtype(q.scalar_type(), [&](auto tag) {
+  dispatch_dtype(kOp, q.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    at::parallel_for(0, c.num_blocks, 1, [&](int64_t begin, int64_t end) {
-      HostExec<FwdRegs> ex(p.threads, reverse);
-      std::vector<F4> smem((p.smem_floats + 3) / 4);
-      for (int64_t blk = begin; blk < end; ++blk)
-        fwd_block<scalar_t>(ex, p, blk, reinterpret_cast<float*>(smem.data()));
+    run_host<FwdRegs>(p, c.num_blocks, [&](HostExec<FwdRegs>& ex, int64_t blk, float* smem) {
+      fwd_block<scalar_t>(ex, p, blk, smem);
     });
   });
   return {c.out, c.o_half, c.lse};
@@ -281,14 +204,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
   BwdCall c = prepare_bwd(dout, q, k_a, v_a, k_v, v_v, mask_a, mask_v, o_half, lse, scale,
                           kBwdSmemBudget);
   const BwdParams& p = c.p;
-  const bool reverse = host_reverse_order();
-  dispatch_dtype(q.scalar_type(), [&](auto tag) {
+  dispatch_dtype(kOp, q.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    at::parallel_for(0, c.num_blocks, 1, [&](int64_t begin, int64_t end) {
-      HostExec<BwdRegs> ex(p.threads, reverse);
-      std::vector<F4> smem((p.smem_floats + 3) / 4);
-      for (int64_t blk = begin; blk < end; ++blk)
-        bwd_block<scalar_t>(ex, p, blk, reinterpret_cast<float*>(smem.data()));
+    run_host<BwdRegs>(p, c.num_blocks, [&](HostExec<BwdRegs>& ex, int64_t blk, float* smem) {
+      bwd_block<scalar_t>(ex, p, blk, smem);
     });
   });
   return {c.dq, c.dk_a, c.dv_a, c.dk_v, c.dv_v};

@@ -5,26 +5,14 @@
 #include <algorithm>
 #include <atomic>
 
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime.h>
 #include <torch/library.h>
+
+#include "common/launch.h"
 
 namespace avfast {
 namespace av_pair {
 namespace {
-
-// One CUDA thread block: `phase` runs the per-thread function, then a block barrier.
-template <class Regs>
-struct DeviceExec {
-  Regs r;
-  template <class Fn>
-  __device__ __forceinline__ void phase(Fn&& fn) {
-    fn(static_cast<int>(threadIdx.x), r);
-    __syncthreads();
-  }
-};
 
 template <class scalar_t>
 __global__ void __launch_bounds__(kMaxThreads, 3) av_pair_fwd_kernel(const FwdParams p) {
@@ -40,30 +28,6 @@ __global__ void __launch_bounds__(kMaxThreads, 2) av_pair_bwd_kernel(const BwdPa
   bwd_block<scalar_t>(ex, p, static_cast<int64_t>(blockIdx.x), reinterpret_cast<float*>(smem_f4));
 }
 
-constexpr int kMaxDevices = 64;
-
-int64_t smem_optin_bytes(int device) {
-  static std::atomic<int> cache[kMaxDevices] = {};
-  if (device >= 0 && device < kMaxDevices) {
-    const int v = cache[device].load(std::memory_order_relaxed);
-    if (v > 0) return v;
-  }
-  int v = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  if (device >= 0 && device < kMaxDevices) cache[device].store(v, std::memory_order_relaxed);
-  return v;
-}
-
-// Raises the kernel's dynamic shared memory limit when a launch needs more than 48 KiB.
-template <class Kernel>
-void ensure_smem(Kernel kernel, int64_t bytes, int device, std::atomic<int>* done) {
-  if (bytes <= 48 * 1024) return;
-  if (device >= 0 && device < kMaxDevices && done[device].load(std::memory_order_relaxed) >= bytes) return;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(bytes)));
-  if (device >= 0 && device < kMaxDevices) done[device].store(static_cast<int>(bytes), std::memory_order_relaxed);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cuda(
     const at::Tensor& q, const at::Tensor& k_a, const at::Tensor& v_a, const at::Tensor& k_v,
     const at::Tensor& v_v, const std::optional<at::Tensor>& v_bias,
@@ -71,15 +35,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cuda(
     double scale) {
   const c10::cuda::CUDAGuard guard(q.device());
   FwdCall c = prepare_fwd(q, k_a, v_a, k_v, v_v, v_bias, mask_a, mask_v, scale);
-  if (c.num_blocks == 0) return {c.out, c.o_half, c.lse};
-  const int64_t bytes = c.p.smem_floats * 4;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.get_device()).stream();
-  dispatch_dtype(q.scalar_type(), [&](auto tag) {
+  dispatch_dtype(kOp, q.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     static std::atomic<int> done[kMaxDevices] = {};
-    ensure_smem(av_pair_fwd_kernel<scalar_t>, bytes, q.get_device(), done);
-    av_pair_fwd_kernel<scalar_t><<<static_cast<unsigned>(c.num_blocks), c.p.threads, bytes, stream>>>(c.p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_blocks(av_pair_fwd_kernel<scalar_t>, c.num_blocks, c.p, q.get_device(), done);
   });
   return {c.out, c.o_half, c.lse};
 }
@@ -92,15 +51,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t budget = std::min<int64_t>(kBwdSmemBudget, smem_optin_bytes(q.get_device()));
   BwdCall c = prepare_bwd(dout, q, k_a, v_a, k_v, v_v, mask_a, mask_v, o_half, lse, scale, budget);
-  if (c.num_blocks == 0) return {c.dq, c.dk_a, c.dv_a, c.dk_v, c.dv_v};
-  const int64_t bytes = c.p.smem_floats * 4;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.get_device()).stream();
-  dispatch_dtype(q.scalar_type(), [&](auto tag) {
+  dispatch_dtype(kOp, q.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     static std::atomic<int> done[kMaxDevices] = {};
-    ensure_smem(av_pair_bwd_kernel<scalar_t>, bytes, q.get_device(), done);
-    av_pair_bwd_kernel<scalar_t><<<static_cast<unsigned>(c.num_blocks), c.p.threads, bytes, stream>>>(c.p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_blocks(av_pair_bwd_kernel<scalar_t>, c.num_blocks, c.p, q.get_device(), done);
   });
   return {c.dq, c.dk_a, c.dv_a, c.dk_v, c.dv_v};
 }

@@ -5,12 +5,14 @@
 #include <optional>
 
 #include <ATen/core/Tensor.h>
-#include <c10/util/Exception.h>
 
+#include "common/checks.h"
 #include "kernel.cuh"
 
 namespace avfast {
 namespace av_pair {
+
+constexpr const char* kOp = "av_pair_attention";  // error messages: "av_pair_attention: ..."
 
 struct FwdCall {
   FwdParams p;
@@ -39,17 +41,6 @@ BwdCall prepare_bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tenso
                     const std::optional<at::Tensor>& key_padding_mask_v,
                     const at::Tensor& o_half, const at::Tensor& lse, double scale,
                     int64_t bwd_smem_budget);
-
-// Calls fn(scalar_t{}) for the kernel dtypes: float, c10::Half, c10::BFloat16.
-template <class Fn>
-void dispatch_dtype(at::ScalarType dt, Fn&& fn) {
-  switch (dt) {
-    case at::kFloat: fn(float{}); break;
-    case at::kHalf: fn(c10::Half{}); break;
-    case at::kBFloat16: fn(c10::BFloat16{}); break;
-    default: TORCH_CHECK(false, "av_pair_attention: unsupported dtype ", dt);
-  }
-}
 
 }  // namespace av_pair
 }  // namespace avfast

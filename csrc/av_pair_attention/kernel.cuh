@@ -6,17 +6,10 @@
 // Dims: B batch, F fusion queries, Na/Nv audio/visual keys, H heads, Dq query/key head
 // width, Dv value head width. "half" 0 is audio, 1 is visual.
 //
-// Execution model. A kernel is a sequence of *phases* separated by block barriers. Each
-// phase is a per-thread function `(tid, regs)` that reads and writes shared memory
-// (`smem`), global memory and the thread's private registers (`regs`). A phase never
-// reads what another thread writes in the same phase (the only exception: several
-// threads storing the same constant 1.0f into a flag). The block drivers below
-// (`fwd_block`, `bwd_block`) call `ex.phase(fn)`:
-//   - on the GPU (DeviceExec, av_pair_attention.cu) that is `fn(threadIdx.x, regs);
-//     __syncthreads();`;
-//   - on the host (HostExec, av_pair_attention.cpp) it is `for tid in 0..T: fn(tid,
-//     regs[tid])`, which is an exact emulation of the block under the rule above.
-// No warp shuffles, no atomics: so the CPU path runs the very code that the GPU runs.
+// Execution model: see common/block_exec.cuh. A kernel is a sequence of phases separated
+// by block barriers; the block drivers below (`fwd_block`, `bwd_block`) call
+// `ex.phase(fn)`, run by DeviceExec on the GPU (av_pair_attention.cu) and by HostExec on
+// the host (av_pair_attention.cpp). No warp shuffles, no atomics.
 //
 // Tiling. fwd: one block per (b, h, tile of FT queries); it streams over the keys of
 // each half in chunks of KC keys with an online softmax in fp32. bwd: one block per
@@ -27,22 +20,12 @@
 // rows zero-padded to a multiple of 4 so that dot products run on 16-byte vectors.
 #pragma once
 
-#include <cmath>
 #include <cstdint>
-#include <cstring>
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#if defined(__CUDACC__)
-#define AVF_HD __host__ __device__
-#define AVF_FI __forceinline__
-#define AVF_UNROLL _Pragma("unroll")
-#else
-#define AVF_HD
-#define AVF_FI inline
-#define AVF_UNROLL
-#endif
+#include "common/block_exec.cuh"
 
 namespace avfast {
 namespace av_pair {
@@ -106,14 +89,6 @@ struct BwdParams {
   int64_t smem_floats;
 };
 
-// Shared-memory row stride (floats) for a row of d values read as 16-byte vectors: a
-// multiple of 4 whose quotient by 4 is odd, so 8 consecutive rows hit 8 distinct
-// 16-byte bank groups (conflict-free 128-bit loads across keys).
-inline int smem_ld(int d) {
-  int ld = (d + 3) / 4 * 4;
-  if (((ld / 4) & 1) == 0) ld += 4;
-  return ld;
-}
 inline int div_up(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 inline int pow2_ceil(int x) {
   int p = 1;
@@ -193,65 +168,6 @@ inline void plan_bwd(BwdParams& p, int64_t smem_budget = kBwdSmemBudget) {
 // ---------------------------------------------------------------------------------------
 // Small helpers
 // ---------------------------------------------------------------------------------------
-struct alignas(16) F4 {
-  float x, y, z, w;
-};
-
-AVF_HD AVF_FI F4 f4_zero() { return F4{0.f, 0.f, 0.f, 0.f}; }
-
-// 16-byte load from (16-byte aligned) shared memory.
-AVF_HD AVF_FI F4 ld4(const float* ptr) {
-#if defined(__CUDA_ARCH__)
-  return *reinterpret_cast<const F4*>(ptr);
-#else
-  F4 r;
-  std::memcpy(&r, ptr, sizeof(F4));
-  return r;
-#endif
-}
-
-AVF_HD AVF_FI float dot4(F4 a, F4 b, float acc) {
-  acc += a.x * b.x;
-  acc += a.y * b.y;
-  acc += a.z * b.z;
-  acc += a.w * b.w;
-  return acc;
-}
-
-AVF_HD AVF_FI F4 axpy4(float a, F4 x, F4 y) {  // y + a x
-  return F4{y.x + a * x.x, y.y + a * x.y, y.z + a * x.z, y.w + a * x.w};
-}
-
-AVF_HD AVF_FI F4 scale4(F4 x, float a) { return F4{x.x * a, x.y * a, x.z * a, x.w * a}; }
-
-AVF_HD AVF_FI float f4_get(const F4& v, int e) {
-  return e == 0 ? v.x : (e == 1 ? v.y : (e == 2 ? v.z : v.w));
-}
-
-AVF_HD AVF_FI float avf_exp(float x) {
-#if defined(__CUDA_ARCH__)
-  return expf(x);
-#else
-  return std::exp(x);
-#endif
-}
-
-AVF_HD AVF_FI float avf_log(float x) {
-#if defined(__CUDA_ARCH__)
-  return logf(x);
-#else
-  return std::log(x);
-#endif
-}
-
-AVF_HD AVF_FI float avf_max(float a, float b) { return a > b ? a : b; }
-AVF_HD AVF_FI int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-
-template <class T>
-AVF_HD AVF_FI float to_f(T x) {
-  return static_cast<float>(x);
-}
-
 AVF_HD AVF_FI float read_bias(const void* ptr, int kind, int64_t off) {
   switch (kind) {
     case kBiasFloat:
@@ -263,31 +179,6 @@ AVF_HD AVF_FI float read_bias(const void* ptr, int kind, int64_t off) {
     default:
       return 0.f;
   }
-}
-
-template <class T>
-struct alignas(4 * sizeof(T)) Pack4 {
-  T v[4];
-};
-
-AVF_HD AVF_FI void st4(float* ptr, F4 x) {  // 16-byte store to shared memory
-#if defined(__CUDA_ARCH__)
-  *reinterpret_cast<F4*>(ptr) = x;
-#else
-  std::memcpy(ptr, &x, sizeof(F4));
-#endif
-}
-
-// 4 consecutive elements; ptr aligned to 4 elements.
-template <class T>
-AVF_HD AVF_FI F4 ld4_global(const T* ptr) {
-  Pack4<T> pk;
-#if defined(__CUDA_ARCH__)
-  pk = *reinterpret_cast<const Pack4<T>*>(ptr);
-#else
-  std::memcpy(&pk, ptr, sizeof(pk));
-#endif
-  return F4{to_f(pk.v[0]), to_f(pk.v[1]), to_f(pk.v[2]), to_f(pk.v[3])};
 }
 
 // Can rows of this (B, N, H, D) tensor be read 4 elements at a time? Unit last stride,
@@ -337,20 +228,6 @@ AVF_HD AVF_FI void load_tile(int tid, int nthreads, float* dst, int rows, int ld
 // Forward: block = (b, h, query tile). Phases per key chunk: load K/V, scores, row max,
 // probabilities, P V (+ row sums). Output in registers, one owner per (f, 4-wide slice).
 // ---------------------------------------------------------------------------------------
-// acc + sum_{j < kn} w[j] * x[j * ldx .. + 4]: a row of P or dS times 4 columns of a tile.
-AVF_HD AVF_FI F4 dsk_row(const float* w, const float* x, int ldx, int kn, F4 acc) {
-  int j = 0;
-  for (; j + 4 <= kn; j += 4) {
-    const F4 wj = ld4(w + j);
-    acc = axpy4(wj.x, ld4(x + j * ldx), acc);
-    acc = axpy4(wj.y, ld4(x + (j + 1) * ldx), acc);
-    acc = axpy4(wj.z, ld4(x + (j + 2) * ldx), acc);
-    acc = axpy4(wj.w, ld4(x + (j + 3) * ldx), acc);
-  }
-  for (; j < kn; ++j) acc = axpy4(w[j], ld4(x + j * ldx), acc);
-  return acc;
-}
-
 struct FwdRegs {
   F4 acc[kFwdItems];  // running unnormalized output of the current half
   F4 out[kFwdItems];  // sum of the normalized halves
@@ -481,7 +358,7 @@ AVF_HD void fwd_block(Exec& ex, const FwdParams& p, int64_t block, float* smem) 
             const int f = item / nsv, vs = item - f * nsv;
             const float* pr = s_s + f * ldp;
             const float* vc = v_s + 4 * vs;
-            const F4 acc = dsk_row(pr, vc, ldv, kn, scale4(r.acc[it], a_s[f]));
+            const F4 acc = row_times_tile(pr, vc, ldv, kn, scale4(r.acc[it], a_s[f]));
             r.acc[it] = acc;
           }
         }
@@ -711,7 +588,7 @@ AVF_HD void bwd_block(Exec& ex, const BwdParams& p, int64_t block, float* smem) 
               const int item = tid + it * T;
               if (item < nf * nsq) {
                 const int f = item / nsq, sl = item - f * nsq;
-                r.dq[it] = dsk_row(ds_s + f * ldp, k_s + 4 * sl, ldk, kn, r.dq[it]);
+                r.dq[it] = row_times_tile(ds_s + f * ldp, k_s + 4 * sl, ldk, kn, r.dq[it]);
               }
             }
           } else {
@@ -719,7 +596,7 @@ AVF_HD void bwd_block(Exec& ex, const BwdParams& p, int64_t block, float* smem) 
               const int f = item / nsq, sl = item - f * nsq;
               float* w = p.dq_ws + ((b * H + h) * F + f0 + f) * wsld + 4 * sl;
               F4 acc = first_chunk ? f4_zero() : F4{w[0], w[1], w[2], w[3]};
-              acc = dsk_row(ds_s + f * ldp, k_s + 4 * sl, ldk, kn, acc);
+              acc = row_times_tile(ds_s + f * ldp, k_s + 4 * sl, ldk, kn, acc);
               w[0] = acc.x;
               w[1] = acc.y;
               w[2] = acc.z;
