@@ -5,6 +5,14 @@
                                      check on CPU when no GPU is present)
     avfast bench blockwise-infonce . the blockwise_infonce benchmark (likewise)
     avfast bench av-adapter ...      the STG-CMA AV-Adapter benchmark (likewise)
+    avfast prepare SRC DST ...       check a dataset's clips, extract FLAC audio (optionally
+                                     re-encode the video) and write DST/manifest.csv
+    avfast synth DST ...             write a folder of synthetic labelled clips
+    avfast bench data ...            clips/s of the DALI and CPU data paths
+    avfast train --method M --data D train a method (torchrun --nproc_per_node N -m avfast train ... for DDP)
+    avfast pretrain --data D         DeepAVFusion's AV-MAE pretraining
+    avfast eval --checkpoint C --data D   accuracy of a checkpoint
+    avfast demo                      synthetic clips + a tiny model trained in minutes, accuracy vs chance
 """
 
 from __future__ import annotations
@@ -18,7 +26,9 @@ BENCHMARKS = {
     "pair-attention": "avfast.bench.av_pair_attention",
     "blockwise-infonce": "avfast.bench.blockwise_infonce",
     "av-adapter": "avfast.bench.av_adapter",
+    "data": "avfast.bench.data_pipeline",
 }
+METHODS = ("mavt", "stgcma", "dgsct", "deepavfusion")
 HOST_RUN = {  # what a forced kernel backend does with CPU tensors
     "cuda": "available when forced: the CUDA kernels' code run serially on the host (for tests)",
     "triton": "available when forced: the Triton interpreter (for tests)",
@@ -95,17 +105,180 @@ def bench(name: str, args: list[str]) -> int:
     return module.main(args) or 0
 
 
+def prepare(args: argparse.Namespace) -> int:
+    from avfast.data.prepare import prepare as run_prepare
+
+    report = run_prepare(args.src, args.dst, sample_rate=args.sample_rate, reencode=args.reencode,
+                         gop=args.gop, max_height=args.max_height, min_duration=args.min_duration,
+                         workers=args.workers, progress=not args.quiet)
+    failed = report.failures_by_reason()
+    print(f"prepared {report.prepared} files, {report.skipped_done} done before, "
+          f"{len(report.failed)} failed; manifest: {report.manifest_path}")
+    if failed:
+        print(f"failures by reason (details in {os.path.join(os.path.dirname(report.manifest_path), 'failed.csv')}):")
+        for reason, count in failed.items():
+            print(f"  {reason:<24} {count}")
+    return 0
+
+
+def synth(args: argparse.Namespace) -> int:
+    from avfast.data.synthetic import make_dataset
+
+    manifest = make_dataset(args.dst, num_classes=args.classes, clips_per_class=args.clips_per_class,
+                            suffix=args.suffix, duration=args.duration, fps=args.fps, size=args.size,
+                            seed=args.seed)
+    print(f"wrote {len(manifest)} clips of {len(manifest.classes)} classes to {args.dst}")
+    return 0
+
+
+def _add_data_commands(sub) -> dict[str, argparse.ArgumentParser]:
+    p_prep = sub.add_parser("prepare", help="check clips, extract FLAC audio, write DST/manifest.csv")
+    p_prep.add_argument("src", help="a class-per-folder tree, an avfast manifest, or a VGGSound/AVE/"
+                        "AudioSet annotation file (clips looked up beside it)")
+    p_prep.add_argument("dst", help="output folder (a rerun continues an interrupted one)")
+    p_prep.add_argument("--sample-rate", type=int, default=16000, help="audio rate in Hz (16000)")
+    p_prep.add_argument("--reencode", choices=("h264", "vp9"), help="re-encode the video (default: keep it)")
+    p_prep.add_argument("--gop", type=int, default=16, help="key frame interval when re-encoding (16)")
+    p_prep.add_argument("--max-height", type=int, help="scale taller video down when re-encoding")
+    p_prep.add_argument("--min-duration", type=float, default=0.5, help="shorter files fail (0.5 s)")
+    p_prep.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (all CPUs)")
+    p_prep.add_argument("--quiet", action="store_true", help="no progress bar")
+    p_synth = sub.add_parser("synth", help="write a folder of synthetic labelled clips")
+    p_synth.add_argument("dst", help="output folder: DST/class_XX/clip_YYY<suffix>")
+    p_synth.add_argument("--classes", type=int, default=4, help="number of classes (4)")
+    p_synth.add_argument("--clips-per-class", type=int, default=6, help="clips per class (6)")
+    p_synth.add_argument("--suffix", choices=(".mp4", ".mkv", ".webm"), default=".mkv",
+                         help=".mp4 = H.264+AAC, .mkv = VP9+FLAC (default), .webm = VP9+Opus")
+    p_synth.add_argument("--duration", type=float, default=3.0, help="seconds per clip (3)")
+    p_synth.add_argument("--fps", type=int, default=10, help="frames per second (10)")
+    p_synth.add_argument("--size", type=int, default=64, help="frame width and height in px (64)")
+    p_synth.add_argument("--seed", type=int, default=0)
+    return {"prepare": p_prep, "synth": p_synth}
+
+
+def _override(text: str) -> tuple[str, object]:
+    """KEY=VALUE -> (key, value), the value read as a Python literal when it is one."""
+    import ast
+
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--set: expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def _add_train_commands(sub) -> dict[str, argparse.ArgumentParser]:
+    parsers = {}
+    for name, help_text in (("train", "train a method on a folder of clips or a manifest"),
+                            ("pretrain", "DeepAVFusion AV-MAE pretraining")):
+        p = sub.add_parser(name, help=help_text)
+        if name == "train":
+            p.add_argument("--method", required=True, choices=METHODS)
+        p.add_argument("--data", required=True, help="a folder of clips (root/<class>/<clip>), a prepared "
+                       "folder (avfast prepare) or a manifest / VGGSound / AVE / AudioSet annotation file")
+        p.add_argument("--val-data", help="validation data (default: a class-stratified split of --data)")
+        p.add_argument("--val-fraction", type=float, default=0.2)
+        p.add_argument("--out", help="run folder: log.jsonl, last.pt, best.pt (default runs/<method>)")
+        p.add_argument("--size", default="base", help="model size: tiny, base (large for stgcma)")
+        p.add_argument("--epochs", type=int, default=10)
+        p.add_argument("--max-steps", type=int, help="stop after this many steps")
+        p.add_argument("--batch-size", type=int, default=8, help="per process")
+        p.add_argument("--lr", type=float, default=1e-4)
+        p.add_argument("--weight-decay", type=float, default=0.05)
+        p.add_argument("--warmup-epochs", type=float, default=0.0)
+        p.add_argument("--background-p", type=float, help="MA-AVT background pairs (default 0.2 for mavt)")
+        p.add_argument("--compile", action="store_true", help="torch.compile the model")
+        p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+        p.add_argument("--loader", choices=("auto", "cpu", "dali"), default="auto")
+        p.add_argument("--workers", type=int, default=4, help="CPU loader workers per process")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--pretrained", help="a local upstream checkpoint file")
+        p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+        p.add_argument("--checkpoint-every", type=int, help="also save every N steps")
+        p.add_argument("--log-every", type=int, default=10)
+        p.add_argument("--device", help="cpu, cuda, cuda:1 (default: LOCAL_RANK's GPU, else cpu)")
+        p.add_argument("--set", dest="overrides", action="append", type=_override, default=[],
+                       metavar="KEY=VALUE", help="model config field, e.g. --set img_size=64")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        parsers[name] = p
+    p_eval = sub.add_parser("eval", help="accuracy of a checkpoint written by avfast train")
+    p_eval.add_argument("--checkpoint", required=True)
+    p_eval.add_argument("--data", required=True)
+    p_eval.add_argument("--batch-size", type=int, default=8)
+    p_eval.add_argument("--workers", type=int, default=4)
+    p_eval.add_argument("--device")
+    p_demo = sub.add_parser("demo", help="train a tiny model on generated clips and report accuracy")
+    p_demo.add_argument("--method", choices=METHODS, default="deepavfusion")
+    p_demo.add_argument("--out", help="folder for the clips and the run (default ~/.cache/avfast/demo)")
+    p_demo.add_argument("--epochs", type=int, default=6)
+    p_demo.add_argument("--clips-per-class", type=int, default=16)
+    p_demo.add_argument("--workers", type=int)
+    p_demo.add_argument("--seed", type=int, default=0)
+    parsers.update(eval=p_eval, demo=p_demo)
+    return parsers
+
+
+def train(args: argparse.Namespace) -> int:
+    from avfast.train import Trainer, TrainConfig
+
+    method = "deepavfusion" if args.command == "pretrain" else args.method
+    cfg = TrainConfig(method=method, data=args.data, val_data=args.val_data, val_fraction=args.val_fraction,
+                      out=args.out or os.path.join("runs", method + ("-pretrain" if args.command == "pretrain" else "")),
+                      size=args.size, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+                      lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+                      background_p=args.background_p, compile=args.compile, amp=not args.no_amp,
+                      loader=args.loader, workers=args.workers, seed=args.seed, pretrained=args.pretrained,
+                      pretrain=args.command == "pretrain", resume=args.resume,
+                      checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+                      progress=not args.quiet, device=args.device, model_overrides=dict(args.overrides))
+    result = Trainer(cfg).fit()
+    print(" ".join(f"{k}={v:.4f}" for k, v in result.items()))
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from avfast.train import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size,
+                                 workers=args.workers, device=args.device)
+    print(" ".join(f"{k}={v:.4f}" for k, v in result.items()))
+    return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    from avfast.train.demo import run_demo
+
+    run_demo(args.method, out=args.out, epochs=args.epochs, clips_per_class=args.clips_per_class,
+             workers=args.workers, seed=args.seed)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="avfast", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device and the backend of each op")
     p_bench = sub.add_parser("bench", help="run a benchmark; arguments after the name go to it")
     p_bench.add_argument("name", choices=sorted(BENCHMARKS))
+    data_parsers = _add_data_commands(sub)
+    train_parsers = _add_train_commands(sub)
     args, rest = parser.parse_known_args(argv)
+    if args.command != "bench" and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "info":
-        if rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return info()
+    if args.command in data_parsers:
+        try:
+            return prepare(args) if args.command == "prepare" else synth(args)
+        except (ValueError, FileNotFoundError) as err:  # bad arguments: exit 2 with the message
+            data_parsers[args.command].error(str(err))
+    if args.command in train_parsers:
+        run = {"train": train, "pretrain": train, "eval": evaluate, "demo": demo}[args.command]
+        try:
+            return run(args)
+        except (ValueError, FileNotFoundError) as err:  # bad arguments or data: exit 2 with the message
+            train_parsers[args.command].error(str(err))
     return bench(args.name, rest)
 
 

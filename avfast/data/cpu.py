@@ -1,0 +1,156 @@
+"""The CPU path: PyAV decoding and torch front-ends in DataLoader workers.
+
+Samples follow ``avfast.data.sampling`` plans, so for the same (seed, epoch, index) they
+equal the DALI path's up to the decoders' and resizers' rounding.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Iterator, Literal
+
+import torch
+
+from avfast.data import media
+from avfast.data.manifest import Manifest
+from avfast.data.presets import Preset, get_preset
+from avfast.data.sampling import (BackgroundPartners, SamplePlan, epoch_indices, manifest_infos,
+                                   plan_sample)
+from avfast.data.transforms import (audio_features, bad_audio_rows, crop_resize_frames,
+                                    gather_windows, label_fields, log_skipped, min_audio_samples,
+                                    normalize_frames)
+
+
+class ClipDataset(torch.utils.data.Dataset):
+    """Samples of ``manifest`` as the preset describes, decoded with PyAV.
+
+    Item i is a dict: ``frames`` float32 (T, 3, S, S) normalised (uint8 (T, S, S, 3) with
+    ``features=False``), ``audio`` the preset's features (raw windows (K, samples) with
+    ``features=False``), label fields, ``index``, ``audio_index``, ``background``; or
+    ``{"skipped": reason}`` for a clip that cannot be read (``bad_audio='pad'`` keeps
+    silent/short audio, zero-padded). Call ``set_epoch`` to draw new random crops/times.
+    """
+
+    def __init__(self, manifest: Manifest, preset: str | Preset, *, train: bool, seed: int = 0,
+                 background_p: float = 0.0, bad_audio: Literal["skip", "pad"] = "skip",
+                 features: bool = True):
+        if not 0.0 <= background_p <= 1.0:
+            raise ValueError(f"background_p: expected a probability in [0, 1], got {background_p}")
+        if bad_audio not in ("skip", "pad"):
+            raise ValueError(f"bad_audio: expected 'skip' or 'pad', got {bad_audio!r}")
+        self.manifest = manifest
+        self.preset = get_preset(preset)
+        self.train, self.seed, self.epoch = train, seed, 0
+        self.background_p, self.bad_audio, self.features = background_p, bad_audio, features
+        self.infos = manifest_infos(manifest, self.preset.audio.sample_rate)
+        self.partners = BackgroundPartners([c.labels for c in manifest.clips]) if background_p > 0 else None
+        self._labels = label_fields(manifest)
+
+    def __len__(self) -> int:
+        return len(self.manifest)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def plan(self, index: int) -> SamplePlan:
+        return plan_sample(index, self.infos, self.preset, train=self.train, seed=self.seed,
+                           epoch=self.epoch, background_p=self.background_p, partners=self.partners)
+
+    def decode(self, plan: SamplePlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 frames (T, S, S, 3) and audio windows (K, samples) of a plan."""
+        spec = self.preset.audio
+        clip = self.manifest[plan.index]
+        frames = media.decode_frames(self.manifest.resolve(clip.path), plan.frame_indices)
+        frames = crop_resize_frames(frames, plan.crop, self.preset.video.size, plan.flip)
+        partner = self.manifest[plan.audio_index]
+        offset = round(partner.start * spec.sample_rate)
+        duration = None if partner.end is None else partner.end - partner.start
+        wave = media.decode_audio(self.manifest.resolve(partner.audio_path or partner.path),
+                                  sample_rate=spec.sample_rate, start=partner.start, duration=duration)
+        length = torch.tensor([wave.numel()])
+        keep, reasons = bad_audio_rows(wave.unsqueeze(0), length, min_audio_samples(self.preset), self.bad_audio)
+        if not bool(keep[0]):
+            raise media.MediaError(partner.audio_path or partner.path, next(iter(reasons)))
+        starts = torch.tensor([[s - offset for s in plan.audio_starts]])
+        windows = gather_windows(wave.unsqueeze(0), length, starts, spec.window_samples, spec.pad)
+        return frames, windows[0]
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            plan = self.plan(index)
+            frames, windows = self.decode(plan)
+        except media.MediaError as err:
+            return {"skipped": err.reason}
+        if self.features:
+            frames = normalize_frames(frames, self.preset.video.mean, self.preset.video.std)
+            windows = audio_features(windows.unsqueeze(0), self.preset)[0]
+        return {"frames": frames, "audio": windows, "index": torch.tensor(index),
+                "audio_index": torch.tensor(plan.audio_index),
+                "background": torch.tensor(plan.background), **self._labels(index)}
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack the readable samples; ``skipped`` maps reason -> count for the others."""
+    skipped = collections.Counter(s["skipped"] for s in samples if "skipped" in s)
+    good = [s for s in samples if "skipped" not in s]
+    batch = {k: torch.stack([s[k] for s in good]) for k in (good[0] if good else {})}
+    batch["skipped"] = dict(skipped)
+    return batch
+
+
+class CPULoader:
+    """Batches from ``ClipDataset`` through a DataLoader with ``num_workers`` workers.
+
+    Iterating yields dicts of tensors (on ``device`` if given) with a ``skipped`` dict; after
+    each epoch ``skipped`` holds the epoch's counts by reason, which are also logged, and the
+    epoch advances (``set_epoch`` sets it, e.g. when resuming).
+    """
+
+    def __init__(self, manifest: Manifest, preset: str | Preset, *, batch_size: int, train: bool,
+                 num_workers: int = 0, seed: int = 0, background_p: float = 0.0,
+                 bad_audio: Literal["skip", "pad"] = "skip", features: bool = True,
+                 shard_id: int = 0, num_shards: int = 1, device: str | torch.device | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+        self.dataset = ClipDataset(manifest, preset, train=train, seed=seed,
+                                   background_p=background_p, bad_audio=bad_audio, features=features)
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.shard_id, self.num_shards = shard_id, num_shards
+        self.device = None if device is None else torch.device(device)
+        self.epoch = 0
+        self.skipped: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return -(-len(self._indices()) // self.batch_size)
+
+    def _indices(self) -> np.ndarray:
+        return epoch_indices(len(self.dataset), train=self.dataset.train, seed=self.dataset.seed,
+                             epoch=self.epoch, shard_id=self.shard_id, num_shards=self.num_shards)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        return self.batches()
+
+    def batches(self, start: int = 0) -> Iterator[dict]:
+        """This epoch's batches from batch ``start`` on (a resumed run skips the ones it saw)."""
+        self.dataset.set_epoch(self.epoch)
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.batch_size,
+            sampler=self._indices()[start * self.batch_size:].tolist(),
+            num_workers=self.num_workers, collate_fn=collate,
+            generator=torch.Generator().manual_seed(self.dataset.seed + self.epoch),  # not the global RNG
+            pin_memory=self.device is not None and self.device.type == "cuda")
+        counts: collections.Counter = collections.Counter()
+        for batch in loader:
+            counts.update(batch["skipped"])
+            if "index" not in batch:
+                continue
+            if self.device is not None:
+                batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+                         for k, v in batch.items()}
+            yield batch
+        self.skipped = dict(counts)
+        log_skipped(self.epoch, counts)
+        self.epoch += 1

@@ -1,0 +1,201 @@
+"""The GPU path: NVIDIA DALI decodes, samples and resizes; torch makes the features on the GPU.
+
+Per batch: a Python source plans every sample (``avfast.data.sampling``, identical to the CPU
+path) and hands DALI the encoded bytes; DALI decodes the planned frames (``mixed`` = NVDEC
+on the GPU, ``cpu`` without a GPU: VP8/VP9/MJPEG only), crops+resizes+mirrors them in one
+resize (a ROI whose x runs backwards mirrors), and decodes the prepared FLAC audio; the
+waveforms go to the GPU, where ``transforms.gather_windows`` and the preset's front-end
+turn them into features. The audio must be prepared (``avfast prepare``): DALI's audio
+decoder reads wav/flac/ogg, not AAC inside mp4.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Iterator, Literal
+
+import numpy as np
+import torch
+
+from avfast.data import media
+from avfast.data.manifest import Manifest
+from avfast.data.presets import Preset, get_preset
+from avfast.data.sampling import BackgroundPartners, epoch_indices, manifest_infos, plan_sample
+from avfast.data.transforms import (audio_features, bad_audio_rows, gather_windows, label_fields,
+                                    log_skipped, min_audio_samples, normalize_frames)
+
+
+def _dali():
+    try:
+        import nvidia.dali as dali
+    except ImportError as err:
+        raise ImportError("the DALI path needs NVIDIA DALI: pip install nvidia-dali-cuda130==2.4.0 "
+                          "(or use avfast.data.CPULoader)") from err
+    return dali
+
+
+class _PlanSource:
+    """DALI external source: one epoch of this shard's samples (``order``, fixed when the
+    epoch's pipeline is built), planned and read as bytes."""
+
+    def __init__(self, loader: "DALILoader", order: list[int], epoch: int):
+        self.loader, self.order, self.epoch = loader, order, epoch
+        self.position = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        ld = self.loader
+        if self.position >= len(self.order):
+            raise StopIteration
+        columns = ([], [], [], [], [], [], [])
+        while self.position < len(self.order) and len(columns[0]) < ld.batch_size:
+            index = self.order[self.position]
+            self.position += 1
+            try:
+                plan = plan_sample(index, ld.infos, ld.preset, train=ld.train, seed=ld.seed,
+                                   epoch=self.epoch, background_p=ld.background_p, partners=ld.partners)
+                clip, partner = ld.manifest[index], ld.manifest[plan.audio_index]
+                video = np.fromfile(ld.manifest.resolve(clip.path), dtype=np.uint8)
+                audio = np.fromfile(ld.manifest.resolve(partner.audio_path), dtype=np.uint8)
+            except media.MediaError as err:
+                ld.pending_skips[err.reason] += 1
+                continue
+            except OSError:
+                ld.pending_skips["unreadable"] += 1
+                continue
+            top, left, h, w = plan.crop
+            x0, x1 = (left + w, left) if plan.flip else (left, left + w)
+            columns[0].append(video)
+            columns[1].append(audio)
+            columns[2].append(np.asarray(plan.frame_indices, dtype=np.int32))
+            columns[3].append(np.array([top, x0], dtype=np.float32))
+            columns[4].append(np.array([top + h, x1], dtype=np.float32))
+            columns[5].append(np.array([index, plan.audio_index, plan.background], dtype=np.int64))
+            columns[6].append(np.asarray(plan.audio_starts, dtype=np.int64))
+        if not columns[0]:
+            raise StopIteration
+        return columns
+
+
+class DALILoader:
+    """Batches of ``manifest`` (prepared: every clip has ``audio_path``) decoded by DALI.
+
+    Yields the same dicts as ``CPULoader`` (``frames`` float32 (B, T, 3, S, S) normalised,
+    ``audio`` features, label fields, ``index``, ``audio_index``, ``background``,
+    ``skipped``), on ``cuda:device_id`` (on the CPU when ``device_id`` is None, for tests).
+    With ``features=False`` ``frames`` stays uint8 (B, T, S, S, 3) and ``audio`` holds the
+    windows (B, K, samples). Shards for torchrun with ``shard_id``/``num_shards``.
+    """
+
+    def __init__(self, manifest: Manifest, preset: str | Preset, *, batch_size: int, train: bool,
+                 device_id: int | None = 0, num_threads: int = 4, seed: int = 0,
+                 background_p: float = 0.0, bad_audio: Literal["skip", "pad"] = "skip",
+                 features: bool = True, shard_id: int = 0, num_shards: int = 1, prefetch: int = 2):
+        dali = _dali()
+        if batch_size < 1:
+            raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+        if not 0.0 <= background_p <= 1.0:
+            raise ValueError(f"background_p: expected a probability in [0, 1], got {background_p}")
+        if bad_audio not in ("skip", "pad"):
+            raise ValueError(f"bad_audio: expected 'skip' or 'pad', got {bad_audio!r}")
+        unprepared = [c.path for c in manifest.clips if c.audio_path is None]
+        if unprepared:
+            raise ValueError(f"manifest: the DALI path expects prepared audio (audio_path) for every "
+                             f"clip, got {len(unprepared)} clips without it (first: {unprepared[0]}); "
+                             f"run `avfast prepare SRC DST` and load DST/manifest.csv")
+        self.manifest, self.preset = manifest, get_preset(preset)
+        self.batch_size, self.train, self.seed, self.epoch = batch_size, train, seed, 0
+        self.background_p, self.bad_audio, self.features = background_p, bad_audio, features
+        self.shard_id, self.num_shards = shard_id, num_shards
+        epoch_indices(len(manifest), train=train, seed=seed, epoch=0, shard_id=shard_id,
+                      num_shards=num_shards)  # validates the shard arguments
+        self.infos = manifest_infos(manifest, self.preset.audio.sample_rate)
+        self.partners = BackgroundPartners([c.labels for c in manifest.clips]) if background_p > 0 else None
+        self.device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
+        self.pending_skips: collections.Counter = collections.Counter()
+        self.skipped: dict[str, int] = {}
+        self._labels = label_fields(manifest)
+        self._dali, self._device_id, self._num_threads, self._prefetch = dali, device_id, num_threads, prefetch
+
+    def _build(self, source: _PlanSource):
+        """A pipeline for one epoch: built per epoch, so that DALI's prefetching never runs
+        ahead into samples of an epoch whose number is not yet set."""
+        dali, device_id = self._dali, self._device_id
+        fn, types = dali.fn, dali.types
+        size = self.preset.video.size
+        gpu = device_id is not None
+
+        @dali.pipeline_def(batch_size=self.batch_size, num_threads=self._num_threads, device_id=device_id,
+                           prefetch_queue_depth=self._prefetch, exec_dynamic=True)
+        def pipeline():
+            video, audio, frames, roi_start, roi_end, meta, starts = fn.external_source(
+                source=source, num_outputs=7, batch=True, cycle="raise",
+                dtype=[types.UINT8, types.UINT8, types.INT32, types.FLOAT, types.FLOAT,
+                       types.INT64, types.INT64])
+            clips = fn.decoders.video(video, device="mixed" if gpu else "cpu", frames=frames)
+            clips = fn.resize(clips, size=[size, size], roi_start=roi_start, roi_end=roi_end,
+                              interp_type=types.INTERP_LINEAR, antialias=True)
+            wave, _ = fn.decoders.audio(audio, sample_rate=self.preset.audio.sample_rate,
+                                        downmix=True, dtype=types.FLOAT)
+            length = wave.shape(dtype=types.INT64)
+            wave = fn.pad(wave.gpu() if gpu else wave, axes=[0])
+            return clips, wave, length, meta, starts
+
+        pipe = pipeline()
+        pipe.build()
+        return pipe
+
+    def indices(self) -> np.ndarray:
+        """This shard's sample indices for the current epoch."""
+        return epoch_indices(len(self.manifest), train=self.train, seed=self.seed, epoch=self.epoch,
+                             shard_id=self.shard_id, num_shards=self.num_shards)
+
+    def __len__(self) -> int:
+        return -(-len(self.indices()) // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _torch(self, tensor_list) -> torch.Tensor:
+        return torch.from_dlpack(tensor_list.as_tensor()).to(self.device)
+
+    def __iter__(self) -> Iterator[dict]:
+        return self.batches()
+
+    def batches(self, start: int = 0) -> Iterator[dict]:
+        """This epoch's batches from batch ``start`` on (a resumed run skips the ones it saw)."""
+        order = self.indices()[start * self.batch_size:].tolist()
+        pipe = self._build(_PlanSource(self, order, self.epoch))
+        self.pending_skips.clear()
+        counts: collections.Counter = collections.Counter()
+        spec = self.preset.audio
+        while True:
+            try:
+                frames, wave, length, meta, starts = (self._torch(t) for t in pipe.run())
+            except StopIteration:
+                break
+            keep, reasons = bad_audio_rows(wave, length[:, 0], min_audio_samples(self.preset), self.bad_audio)
+            reasons.update(self.pending_skips)
+            self.pending_skips.clear()
+            counts.update(reasons)
+            if not bool(keep.any()):
+                continue
+            if not bool(keep.all()):
+                frames, wave, length, meta, starts = (t[keep] for t in (frames, wave, length, meta, starts))
+            audio = gather_windows(wave, length[:, 0], starts, spec.window_samples, spec.pad)
+            if self.features:
+                frames = normalize_frames(frames, self.preset.video.mean, self.preset.video.std)
+                audio = audio_features(audio, self.preset)
+            index = meta[:, 0].cpu()
+            labels = [self._labels(int(i)) for i in index]
+            batch = {"frames": frames, "audio": audio, "index": meta[:, 0], "audio_index": meta[:, 1],
+                     "background": meta[:, 2].bool(),
+                     **{k: torch.stack([lab[k] for lab in labels]).to(self.device) for k in labels[0]}}
+            batch["skipped"] = dict(reasons)
+            yield batch
+        counts.update(self.pending_skips)
+        self.skipped = dict(counts)
+        log_skipped(self.epoch, counts)
+        self.epoch += 1

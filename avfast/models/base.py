@@ -1,0 +1,84 @@
+"""What the four method classes share: the training interface, freezing, upstream loading.
+
+A method model takes the loaders' batch tensors and returns a dict of outputs:
+
+    out = model(frames, audio)          # frames (B, T, 3, S, S) float, audio: the preset's features
+    loss, metrics = model.loss(out, batch)   # batch: the loader's dict (label, segment_labels, background)
+    logits = model.predict(out)         # (B, C), or (B, T, C) for per-second methods
+
+``preset`` names the ``avfast.data`` preset whose samples the model reads.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+UPSTREAM_WRAPPER_PREFIXES = ("module.", "model.", "sed_model.", "encoder.")
+
+
+class AVModel(nn.Module):
+    """Base class: subclasses set ``preset`` and implement forward, loss, predict and
+    ``upstream_key_map`` (upstream name -> our name, for the keys that differ)."""
+
+    preset: str = ""
+
+    def loss(self, out: dict[str, Tensor], batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def predict(self, out: dict[str, Tensor]) -> Tensor:
+        return out["logits"]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def upstream_key_map(self, keys: Iterable[str]) -> dict[str, str]:
+        """Upstream checkpoint key -> our state_dict key, for every key of ``keys`` that we
+        keep (keys of upstream-only parts, e.g. unused parameters, are left out)."""
+        raise NotImplementedError
+
+    def load_upstream_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True):
+        """Load an upstream checkpoint's state dict (wrapper prefixes such as ``module.``
+        removed) through ``upstream_key_map``; strict: every key of ours is filled and
+        every upstream key is used or known to be dropped."""
+        state = strip_prefixes(state_dict)
+        mapping = self.upstream_key_map(state.keys())
+        ours = {mapping[k]: v for k, v in state.items() if k in mapping}
+        if strict:
+            unused = sorted(set(state) - set(mapping))
+            if unused:
+                raise KeyError(f"state_dict: upstream keys without a place in {type(self).__name__}: "
+                               f"{unused[:8]}{' ...' if len(unused) > 8 else ''} ({len(unused)} keys)")
+        return self.load_state_dict(ours, strict=strict)
+
+
+def strip_prefixes(state_dict: Mapping[str, Tensor], prefixes=UPSTREAM_WRAPPER_PREFIXES) -> dict[str, Tensor]:
+    """Drop a wrapper prefix shared by every key (DDP's ``module.``, Lightning's ...)."""
+    state = dict(state_dict)
+    for prefix in prefixes:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The state dict inside an upstream checkpoint file (its ``state_dict``/``model``
+    entry, or the file itself), loaded on the CPU without running pickled code."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pretrained: expected a local checkpoint file, got {os.fspath(path)!r} "
+                                "(nothing is downloaded; fetch the file first)")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "module"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            return obj[key]
+    return obj
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Stop gradients to every parameter of ``module`` (frozen backbones)."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module

@@ -1,0 +1,346 @@
+"""Training and evaluation of the four methods: one loop for ``avfast train``, ``pretrain``,
+``eval`` and ``demo``, single process or DDP under torchrun.
+
+bf16 autocast on CUDA, AdamW on the trainable parameters with a warm-up + cosine schedule,
+a tqdm bar with clips/s, JSON-lines logs, atomic checkpoints (``last.pt`` at every epoch end
+and every ``checkpoint_every`` steps, ``best.pt`` on the best validation accuracy) and exact
+resume: the data order, crops and random generators continue where they stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from avfast.data.manifest import Manifest, read_manifest
+from avfast.data.presets import Preset, get_preset
+from avfast.models import build_model
+from avfast.train.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Settings of one run (saved in its checkpoints)."""
+
+    method: str
+    data: str
+    out: str = "runs/avfast"
+    val_data: str | None = None
+    val_fraction: float = 0.2
+    size: str = "base"
+    epochs: int = 10
+    max_steps: int | None = None
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    warmup_epochs: float = 0.0
+    background_p: float | None = None
+    compile: bool = False
+    amp: bool = True
+    loader: str = "auto"
+    workers: int = 4
+    seed: int = 0
+    pretrained: str | None = None
+    pretrain: bool = False
+    resume: bool = False
+    checkpoint_every: int | None = None
+    log_every: int = 10
+    progress: bool = True
+    device: str | None = None
+    model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+DEFAULT_BACKGROUND_P = {"mavt": 0.2}  # MA-AVT's bg_prob
+
+
+def load_manifest(path: str) -> Manifest:
+    """A folder of clips, a prepared folder (its manifest.csv) or a manifest file."""
+    prepared = Path(path) / "manifest.csv"
+    return Manifest.load(prepared) if prepared.is_file() else read_manifest(path)
+
+
+def split_manifest(manifest: Manifest, fraction: float, seed: int) -> tuple[Manifest, Manifest]:
+    """(train, validation): ``fraction`` of each class's clips, drawn with ``seed``."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"val_fraction: expected a fraction in (0, 1), got {fraction}")
+    rng = np.random.default_rng([seed, 7])
+    by_class: dict[int, list[int]] = {}
+    for i, clip in enumerate(manifest.clips):
+        by_class.setdefault(clip.labels[0] if clip.labels else -1, []).append(i)
+    val: list[int] = []
+    for members in by_class.values():
+        take = max(1, round(len(members) * fraction)) if len(members) > 1 else 0
+        val += rng.permutation(members)[:take].tolist()
+    chosen = set(val)
+    pick = lambda idx: Manifest([manifest.clips[i] for i in idx], manifest.classes, manifest.root)  # noqa: E731
+    return pick([i for i in range(len(manifest)) if i not in chosen]), pick(sorted(val))
+
+
+def model_preset(model) -> Preset:
+    """The model's data preset with frames at the model's ``img_size``."""
+    preset = get_preset(model.preset)
+    size = getattr(model.config, "img_size", preset.video.size)
+    return dataclasses.replace(preset, video=dataclasses.replace(preset.video, size=size))
+
+
+def num_classes_of(manifest: Manifest) -> int:
+    """Classes the head predicts: the manifest's, plus background for per-second labels."""
+    segments = manifest.clips and all(c.segment_labels is not None for c in manifest.clips)
+    return len(manifest.classes) + (1 if segments else 0)
+
+
+def make_loader(cfg: TrainConfig, manifest: Manifest, preset: Preset, *, train: bool, device: torch.device,
+                rank: int, world: int):
+    """The DALI loader on CUDA with DALI installed and prepared audio, else the CPU loader."""
+    background_p = cfg.background_p if cfg.background_p is not None else DEFAULT_BACKGROUND_P.get(cfg.method, 0.0)
+    common = dict(batch_size=cfg.batch_size, train=train, seed=cfg.seed, shard_id=rank, num_shards=world,
+                  background_p=background_p if train else 0.0)
+    kind = cfg.loader
+    if kind == "auto":
+        prepared = all(c.audio_path for c in manifest.clips)
+        try:
+            import nvidia.dali  # noqa: F401
+            has_dali = True
+        except ImportError:
+            has_dali = False
+        kind = "dali" if device.type == "cuda" and has_dali and prepared else "cpu"
+    if kind == "dali":
+        from avfast.data.dali import DALILoader
+
+        return DALILoader(manifest, preset, device_id=device.index or 0, **common)
+    if kind != "cpu":
+        raise ValueError(f"loader: expected 'auto', 'cpu' or 'dali', got {cfg.loader!r}")
+    from avfast.data.cpu import CPULoader
+
+    return CPULoader(manifest, preset, num_workers=cfg.workers, device=device, **common)
+
+
+def lr_lambda(warmup_steps: int, total_steps: int):
+    """Linear warm-up then cosine decay to zero, as a LambdaLR factor."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def accuracy_counts(logits: torch.Tensor, batch: dict) -> tuple[int, int]:
+    """(correct, total) of argmax predictions: per clip, or per second for (B, T, C)."""
+    if logits.dim() == 3:
+        target = batch.get("segment_labels")
+        if target is None:
+            target = batch["label"][:, None].expand(-1, logits.shape[1])
+    else:
+        target = batch["label"]
+    pred = logits.argmax(-1)
+    return int((pred == target).sum()), target.numel()
+
+
+class Trainer:
+    """One run: model, data, optimizer, logs and checkpoints under ``cfg.out``."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if cfg.device:
+            self.device = torch.device(cfg.device)
+        elif torch.cuda.is_available():
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        else:
+            self.device = torch.device("cpu")
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        torch.manual_seed(cfg.seed + self.rank)
+        self.out = Path(cfg.out)
+        manifest = load_manifest(cfg.data)
+        if cfg.val_data:
+            self.train_set, self.val_set = manifest, load_manifest(cfg.val_data)
+        else:
+            self.train_set, self.val_set = split_manifest(manifest, cfg.val_fraction, cfg.seed)
+        self.num_classes = num_classes_of(manifest)
+        overrides = dict(cfg.model_overrides)
+        if cfg.pretrain:
+            from avfast.models.deepavfusion import build_mae
+
+            if cfg.method != "deepavfusion":
+                raise ValueError(f"method: pretraining (AV-MAE) expects 'deepavfusion', got {cfg.method!r}")
+            self.model = build_mae(cfg.size, pretrained=cfg.pretrained, **overrides)
+        else:
+            self.model = build_model(cfg.method, cfg.size, num_classes=self.num_classes,
+                                     pretrained=cfg.pretrained, **overrides)
+        self.model.to(self.device)
+        self.preset = model_preset(self.model)
+        self.train_loader = make_loader(cfg, self.train_set, self.preset, train=True, device=self.device,
+                                        rank=self.rank, world=self.world)
+        self.val_loader = make_loader(cfg, self.val_set, self.preset, train=False, device=self.device,
+                                      rank=self.rank, world=self.world) if len(self.val_set) else None
+        params = self.model.trainable_parameters()
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        steps_per_epoch = len(self.train_loader)
+        total = cfg.epochs * steps_per_epoch  # max_steps only stops early: the schedule is the run's
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(round(cfg.warmup_epochs * steps_per_epoch), total))
+        self.forward_model = self.model
+        if self.world > 1:
+            self.forward_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)
+        if cfg.compile:
+            self.forward_model = torch.compile(self.forward_model)
+        self.epoch, self.batch_in_epoch, self.step, self.best = 0, 0, 0, -1.0
+        if cfg.resume and (self.out / "last.pt").is_file():
+            self.restore(load_checkpoint(self.out / "last.pt"))
+
+    # ------------------------------------------------------------------ state
+
+    def state(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch, "step": self.step, "best": self.best,
+                "config": dataclasses.asdict(self.cfg), "classes": self.train_set.classes,
+                "num_classes": self.num_classes}
+
+    def restore(self, ckpt: dict[str, Any]) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.epoch, self.batch_in_epoch = ckpt["epoch"], ckpt["batch_in_epoch"]
+        self.step, self.best = ckpt["step"], ckpt["best"]
+        set_rng_state(ckpt["rng"])
+
+    def save(self, name: str = "last.pt") -> None:
+        if self.rank == 0:
+            save_checkpoint(self.out / name, **self.state())
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(self.out / "log.jsonl", "a") as f:
+                f.write(json.dumps({"time": time.time(), **record}) + "\n")
+
+    # ------------------------------------------------------------------ steps
+
+    def autocast(self):
+        enabled = self.cfg.amp and self.device.type == "cuda"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float], dict]:
+        with self.autocast():
+            if self.cfg.pretrain:
+                loss, metrics = self.model.pretrain_loss(batch["frames"], batch["audio"])
+                return loss, metrics, {}
+            out = self.forward_model(batch["frames"], batch["audio"])
+            loss, metrics = self.model.loss(out, batch)
+        return loss, metrics, out
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        self.model.train()
+        loss, metrics, _ = self.compute_loss(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss: expected a finite value, got {loss.item()} at step {self.step}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return {"loss": float(loss.detach()), **metrics}
+
+    @torch.no_grad()
+    def evaluate(self, loader=None) -> dict[str, float]:
+        """Mean loss and accuracy (per second for per-second methods) over ``loader``."""
+        loader = loader or self.val_loader
+        self.model.eval()
+        totals = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss sum, clips, correct, count
+        for batch in loader:
+            loss, _, out = self.compute_loss(batch)
+            n = batch["index"].numel()
+            totals[0] += float(loss) * n
+            totals[1] += n
+            if out:
+                correct, count = accuracy_counts(self.model.predict(out).float(), batch)
+                totals[2] += correct
+                totals[3] += count
+        if self.world > 1:
+            dist.all_reduce(totals)
+        result = {"val_loss": float(totals[0] / totals[1].clamp_min(1))}
+        if not self.cfg.pretrain:
+            result["val_accuracy"] = float(totals[2] / totals[3].clamp_min(1))
+        return result
+
+    def fit(self) -> dict[str, float]:
+        """Train until ``epochs`` (or ``max_steps``); returns the last evaluation."""
+        from tqdm.auto import tqdm
+
+        cfg, result = self.cfg, {}
+        self.log({"event": "start", "config": dataclasses.asdict(cfg), "world": self.world,
+                  "device": str(self.device), "train_clips": len(self.train_set), "val_clips": len(self.val_set)})
+        while self.epoch < cfg.epochs and not self._done():
+            loader = self.train_loader
+            loader.set_epoch(self.epoch)
+            bar = tqdm(total=len(loader), initial=self.batch_in_epoch, desc=f"epoch {self.epoch}",
+                       disable=not cfg.progress or self.rank != 0, unit="batch")
+            tick, clips = time.perf_counter(), 0
+            for batch in loader.batches(start=self.batch_in_epoch):
+                metrics = self.train_step(batch)
+                self.batch_in_epoch += 1
+                clips += batch["index"].numel() * self.world
+                rate = clips / max(1e-9, time.perf_counter() - tick)
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", clips_s=f"{rate:.1f}")
+                if self.step % cfg.log_every == 0:
+                    self.log({"event": "step", "epoch": self.epoch, "step": self.step,
+                              "lr": self.scheduler.get_last_lr()[0], "clips_per_s": rate, **metrics})
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save()
+                if self._done():
+                    break
+            bar.close()
+            if self._done() and self.batch_in_epoch < len(loader):
+                self.save()
+                break
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            result = self.evaluate() if self.val_loader is not None else {}
+            self.log({"event": "epoch", "epoch": self.epoch - 1, "step": self.step,
+                      "skipped": loader.skipped, **result})
+            if self.rank == 0 and result:
+                print(f"epoch {self.epoch - 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+            self.save()
+            score = result.get("val_accuracy", -result.get("val_loss", 0.0))
+            if result and score > self.best:
+                self.best = score
+                self.save("best.pt")
+        return result
+
+    def _done(self) -> bool:
+        return self.cfg.max_steps is not None and self.step >= self.cfg.max_steps
+
+
+def evaluate_checkpoint(path: str, data: str, *, batch_size: int = 8, workers: int = 4,
+                        device: str | None = None) -> dict[str, float]:
+    """Accuracy of a checkpoint written by ``avfast train`` on ``data`` (all of it)."""
+    ckpt = load_checkpoint(path)
+    cfg = TrainConfig(**{**ckpt["config"], "data": data, "val_data": data, "batch_size": batch_size,
+                         "workers": workers, "device": device, "resume": False, "pretrained": None,
+                         "out": str(Path(path).parent)})
+    trainer = Trainer(cfg)
+    if trainer.train_set.classes != ckpt["classes"]:
+        raise ValueError(f"data: expected the checkpoint's classes {ckpt['classes'][:5]}..., "
+                         f"got {trainer.train_set.classes[:5]}... from {data!r}")
+    trainer.model.load_state_dict(ckpt["model"])
+    return trainer.evaluate()

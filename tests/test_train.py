@@ -1,0 +1,166 @@
+"""The training loop: checkpoints, exact resume, evaluation, split, DDP (2 gloo processes)."""
+
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from avfast.data.synthetic import make_dataset
+from avfast.models.base import AVModel
+from avfast.train import loop
+from avfast.train.checkpoint import load_checkpoint, save_checkpoint
+from avfast.train.loop import Trainer, TrainConfig, split_manifest
+
+SEED = int(np.random.SeedSequence().entropy % 2**31)
+
+
+class Probe(AVModel):
+    """A small trainable model on pooled frames and audio, with dropout (to exercise RNG
+    restore on resume) and a frozen part."""
+
+    preset = "deepavfusion"
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.config = type("Config", (), {"img_size": 32})()
+        self.frozen = nn.Linear(3, 3)
+        self.frozen.requires_grad_(False)
+        self.head = nn.Sequential(nn.Linear(3 + 128, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, num_classes))
+
+    def forward(self, frames, audio):
+        v = self.frozen(frames.mean(dim=(1, 3, 4)))
+        a = audio.mean(dim=(1, 3))
+        return {"logits": self.head(torch.cat([v, a], dim=1))}
+
+    def loss(self, out, batch):
+        loss = nn.functional.cross_entropy(out["logits"], batch["label"])
+        return loss, {"ce": float(loss.detach())}
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-clips")
+    make_dataset(root, num_classes=3, clips_per_class=4, suffix=".mkv", duration=1.0, fps=10, size=32,
+                 seed=SEED % 1000)
+    return str(root)
+
+
+@pytest.fixture(autouse=True)
+def probe_model(monkeypatch):
+    monkeypatch.setattr(loop, "build_model", lambda method, size, num_classes, pretrained, **kw: Probe(num_classes))
+
+
+def config(clips, out, **kw):
+    base = dict(method="probe", data=clips, out=str(out), epochs=2, batch_size=3, lr=1e-2, workers=0,
+                seed=SEED, log_every=1, progress=False, loader="cpu")
+    return TrainConfig(**{**base, **kw})
+
+
+def step_losses(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if r["event"] == "step"}
+
+
+def test_resume_reproduces_the_next_step_loss(clips, tmp_path):
+    straight = Trainer(config(clips, tmp_path / "a", max_steps=4))
+    straight.fit()
+    first = Trainer(config(clips, tmp_path / "b", max_steps=2))
+    first.fit()
+    ckpt = load_checkpoint(tmp_path / "b" / "last.pt")
+    assert ckpt["step"] == 2 and ckpt["batch_in_epoch"] == 2 and ckpt["epoch"] == 0
+    resumed = Trainer(config(clips, tmp_path / "b", max_steps=4, resume=True))
+    assert resumed.step == 2
+    resumed.fit()
+    a, b = step_losses(tmp_path / "a"), step_losses(tmp_path / "b")
+    assert a[3] == b[3] and a[4] == b[4]  # bit-identical on the CPU
+    for (name, p), q in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+
+
+def test_fit_logs_evaluates_and_keeps_best(clips, tmp_path):
+    trainer = Trainer(config(clips, tmp_path, epochs=2))
+    result = trainer.fit()
+    assert set(result) == {"val_loss", "val_accuracy"} and 0.0 <= result["val_accuracy"] <= 1.0
+    assert (tmp_path / "last.pt").is_file() and (tmp_path / "best.pt").is_file()
+    events = [json.loads(line)["event"] for line in open(tmp_path / "log.jsonl")]
+    assert events[0] == "start" and events.count("epoch") == 2
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 2
+    frozen = trainer.model.frozen.weight
+    assert not frozen.requires_grad and all(p.requires_grad for p in trainer.model.trainable_parameters())
+
+
+def test_evaluate_checkpoint_and_class_mismatch(clips, tmp_path):
+    Trainer(config(clips, tmp_path / "run", epochs=1)).fit()
+    result = loop.evaluate_checkpoint(str(tmp_path / "run" / "last.pt"), clips, workers=0)
+    assert 0.0 <= result["val_accuracy"] <= 1.0
+    other = tmp_path / "other"
+    make_dataset(other, num_classes=2, clips_per_class=2, suffix=".mkv", duration=1.0, fps=10, size=32)
+    (other / "class_00").rename(other / "zebra")
+    with pytest.raises(ValueError, match="data: expected the checkpoint's classes"):
+        loop.evaluate_checkpoint(str(tmp_path / "run" / "last.pt"), str(other), workers=0)
+
+
+def test_split_is_stratified_and_disjoint(clips):
+    manifest = loop.load_manifest(clips)
+    train, val = split_manifest(manifest, 0.25, SEED)
+    assert len(train) + len(val) == len(manifest) == 12
+    assert sorted(c.labels[0] for c in val.clips) == [0, 1, 2]
+    assert not {c.path for c in train.clips} & {c.path for c in val.clips}
+    with pytest.raises(ValueError, match=r"val_fraction: expected a fraction in \(0, 1\), got 1.0"):
+        split_manifest(manifest, 1.0, 0)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, step=1)
+
+    def broken(obj, f):
+        with open(f, "wb") as out:
+            out.write(b"partial")
+        raise OSError("disk full")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", broken)
+        with pytest.raises(OSError, match="disk full"):
+            save_checkpoint(path, step=2)
+    assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    with pytest.raises(ValueError, match="checkpoint: expected format 'avfast-checkpoint-1'"):
+        torch.save({"state_dict": {}}, tmp_path / "up.pt")
+        load_checkpoint(tmp_path / "up.pt")
+
+
+def _ddp_worker(rank, world, port, clips, out, queue):
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    loop.build_model = lambda method, size, num_classes, pretrained, **kw: Probe(num_classes)
+    torch.set_num_threads(1)
+    trainer = Trainer(config(clips, out, max_steps=2, device="cpu", batch_size=2))
+    trainer.fit()
+    flat = torch.cat([p.detach().flatten() for p in trainer.model.trainable_parameters()])
+    queue.put((rank, flat.numpy(), trainer.train_loader.shard_id, trainer.train_loader.num_shards))
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_gloo_processes_stay_in_sync(clips, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, clips, str(tmp_path), queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=240) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    (r0, w0, s0, n0), (r1, w1, s1, n1) = results
+    assert (s0, s1, n0, n1) == (0, 1, 2, 2)
+    np.testing.assert_array_equal(w0, w1)  # DDP averaged the gradients
+    assert (tmp_path / "last.pt").is_file()
