@@ -27,6 +27,7 @@ BENCHMARKS = {
     "blockwise-infonce": "avfast.bench.blockwise_infonce",
     "av-adapter": "avfast.bench.av_adapter",
     "data": "avfast.bench.data_pipeline",
+    "train-step": "avfast.bench.train_step",
 }
 METHODS = ("mavt", "stgcma", "dgsct", "deepavfusion")
 HOST_RUN = {  # what a forced kernel backend does with CPU tensors

@@ -14,7 +14,15 @@ python3 -m pytest -q -m cuda -x tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -15
 python3 benchmarks/bench_av_pair_attention.py "$@" 2>&1 | tee "$OUT/bench.log" | tail -40
 python3 benchmarks/bench_blockwise_infonce.py "$@" 2>&1 | tee "$OUT/bench-infonce.log" | tail -40
 python3 benchmarks/bench_av_adapter.py "$@" 2>&1 | tee "$OUT/bench-av-adapter.log" | tail -40
-for f in benchmarks/results/*/av_pair_attention.* benchmarks/results/*/blockwise_infonce.* benchmarks/results/*/av_adapter.*; do
+python3 -m avfast bench train-step 2>&1 | tee "$OUT/bench-train-step.log" | tail -40
+# the data benchmark needs DALI, carried in parts (../shared/tools/device-wheels/README.md)
+if python3 -c "import nvidia.dali" 2>/dev/null; then
+    python3 -m avfast bench data --cache /tmp/avfast-bench-data 2>&1 | tee "$OUT/bench-data.log" | tail -20
+else
+    echo "DALI not installed: skipped avfast bench data" | tee "$OUT/bench-data.log"
+fi
+for f in benchmarks/results/*/av_pair_attention.* benchmarks/results/*/blockwise_infonce.* benchmarks/results/*/av_adapter.* \
+         benchmarks/results/*/train_step.* benchmarks/results/*/data_pipeline.*; do
     case "$f" in *-quick/*) ;; *) cp "$f" "$OUT/";; esac
 done
 ls -l "$OUT"

@@ -426,7 +426,7 @@ def test_crop_window():
 
 def test_dali_cpu_mel_spectrogram_agrees_with_log_mel():
     """DALI spectrogram + mel_filter_bank (htk, unnormalised) on the DeepAVFusion parameters is
-    within relative 1e-3 of log_mel's mel power, i.e. |log10 difference| <= log10(1.001).
+    within relative 1e-3 of log_mel's mel power (bins below float32 FFT rounding excepted).
     DALI's default window is a half-sample-shifted Hann, so the periodic Hann is passed."""
     dali = pytest.importorskip("nvidia.dali", reason="nvidia.dali not importable")
     from nvidia.dali import fn
@@ -449,10 +449,13 @@ def test_dali_cpu_mel_spectrogram_agrees_with_log_mel():
     (out,) = pipe.run()
     ours = A.log_mel(wave, sample_rate=16000, n_fft=800, hop_length=250, n_mels=128)
     for b in range(3):
-        theirs = torch.log10(torch.from_numpy(np.array(out[b])).double() + 1e-7)
-        assert theirs.shape == ours[b].shape
-        err = (theirs - ours[b].double()).abs().max().item()
-        assert err <= math.log10(1.001), f"row {b}: max |log10 diff| {err:.3g} seed={seed}"
+        theirs = torch.from_numpy(np.array(out[b])).double()
+        mine = 10.0 ** ours[b].double() - 1e-7
+        assert theirs.shape == mine.shape
+        # relative 1e-3 per bin, above the float32 FFT rounding floor (eps32 x the row's peak power)
+        bound = 1e-3 * theirs + torch.finfo(torch.float32).eps * 16 * theirs.max()
+        excess = ((theirs - mine).abs() - bound).max().item()
+        assert excess <= 0, f"row {b}: mel power beyond relative 1e-3 by {excess:.3g}, seed={seed}"
 
 
 # ------------------------------------------------------------------ CUDA

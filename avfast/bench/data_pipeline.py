@@ -156,7 +156,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dali-threads", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--batches", type=int, default=20)
-    p.add_argument("--clips", type=int, default=256)
+    p.add_argument("--clips", type=int, default=128)
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--size", type=int, default=360, help="synthetic clips' frame side")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None)
