@@ -1,5 +1,6 @@
 """MA-AVT model: shapes and gradients, float64 equality with upstream's literal two-pass
-formulation, upstream state-dict loading, the quirk switch, backbone weights, errors."""
+formulation (avfast.bench.upstream.mavt), upstream state-dict loading, the quirk switch,
+backbone weights, errors."""
 
 import math
 
@@ -8,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
+from avfast.bench.upstream.mavt import UpstreamMAVT
 from avfast.models import build_model
 from avfast.models.mavt import MAVT, MAVTConfig, build
 
@@ -98,75 +100,10 @@ def test_audio_resized_to_frame_size():
 # ----------------------------------------------------------------------------- float64 vs upstream
 
 
-def upstream_forward_loss(model, frames, audio, label, background):
-    """Literal upstream computation (models/all_nets.py MA_AVT.forward_vit + my_vit.forward_patch):
-    visual and audio streams in two separate passes, LSA on B per-sample copies of the tokens,
-    explicit attention / MLP per block, explicit two-direction CE on each block's logits."""
-    vit, cfg = model.vit, model.config
-    D, h = cfg.embed_dim, cfg.num_heads
-    ns, nu = cfg.n_shared_tokens, cfg.n_visual_tokens
-    B = frames.shape[0]
-    bg_label = background.long()
-
-    def forward_patch(img):  # conv patch embed, [patches, BG-CLS], CLS first, interpolated pos-embed
-        x = F.conv2d(img, vit.patch_embed.proj.weight, vit.patch_embed.proj.bias, stride=cfg.patch_size)
-        x = x.flatten(2).transpose(1, 2)
-        x = torch.cat([x, model.bg_cls_token.expand(x.shape[0], -1, -1)], dim=1)
-        x = torch.cat([vit.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        pos = vit.pos_embed
-        if pos.shape[1] != x.shape[1]:
-            pos = F.interpolate(pos.permute(0, 2, 1), x.shape[1], mode="linear").permute(0, 2, 1)
-        return x + pos
-
-    def self_attention(lsa, tokens):  # upstream SelfAttention on repeated (B, n, D) tokens
-        t = tokens[None].repeat(B, 1, 1)
-        n, hh = t.shape[1], cfg.lsa_heads
-        qkv = lsa.qkv(t).reshape(B, n, 3, hh, D // hh).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        attn = ((q * (D // hh) ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
-        return lsa.proj((attn @ v).transpose(1, 2).reshape(B, n, D))
-
-    def layer_norm(ln, x):
-        return F.layer_norm(x, (D,), ln.weight, ln.bias, eps=1e-6)
-
-    def block(blk, x):  # timm pre-norm block with upstream's explicit attention
-        n = x.shape[1]
-        qkv = F.linear(layer_norm(blk.norm1, x), blk.attn.qkv.weight, blk.attn.qkv.bias)
-        q, k, v = qkv.reshape(B, n, 3, h, D // h).permute(2, 0, 3, 1, 4).unbind(0)
-        attn = ((q @ k.transpose(-2, -1)) * (D // h) ** -0.5).softmax(dim=-1)
-        x = x + F.linear((attn @ v).transpose(1, 2).reshape(B, n, D), blk.attn.proj.weight, blk.attn.proj.bias)
-        y = F.gelu(F.linear(layer_norm(blk.norm2, x), blk.mlp.fc1.weight, blk.mlp.fc1.bias))
-        return x + F.linear(y, blk.mlp.fc2.weight, blk.mlp.fc2.bias)
-
-    f_a = forward_patch(audio.repeat(1, 3, 1, 1))
-    f_v = forward_patch(frames[:, 0])
-    f_a = torch.cat([f_a, self_attention(model.audio_attn, model.audio_tokens)], dim=1)
-    f_v = torch.cat([f_v, self_attention(model.visual_attn, model.visual_tokens)], dim=1)
-    shared = self_attention(model.shared_attn, model.shared_tokens)
-    f_a, f_v = torch.cat([f_a, shared], dim=1), torch.cat([f_v, shared], dim=1)
-
-    mask = torch.where(bg_label == 0)[0]
-    cnt = 0
-    for i, blk in enumerate(vit.blocks):
-        f_v = block(blk, f_v)
-        f_a = block(blk, f_a)
-        audio_feat = F.normalize(model.contrastive.audio_proj[i](f_a[:, -ns:].mean(dim=1)), dim=1)[mask]
-        image_feat = F.normalize(model.contrastive.vis_proj[i](f_v[:, -ns:].mean(dim=1)), dim=1)[mask]
-        target = torch.arange(len(image_feat))
-        pred_img = (1 / 0.07) * (image_feat @ audio_feat.T)
-        cnt = cnt + (F.cross_entropy(pred_img, target) + F.cross_entropy(pred_img.T, target)) / 2
-    cnt = cnt / len(vit.blocks)
-
-    f_v, f_a = layer_norm(vit.norm, f_v), layer_norm(vit.norm, f_a)
-    p_fg = model.fg_class(torch.cat([f_v[:, 0], f_a[:, 0]], dim=-1))
-    bg_pos = -(1 + nu + ns)
-    p_bg = model.bg_class(torch.cat([f_v[:, bg_pos], f_a[:, bg_pos]], dim=-1)).squeeze(-1)
-    fg_loss = F.cross_entropy(p_fg[mask], label[mask])
-    bg_loss = F.binary_cross_entropy_with_logits(p_bg, bg_label.double())
-    return p_fg, p_bg, fg_loss + bg_loss + cnt, (fg_loss, bg_loss, cnt)
-
-
 def test_float64_equals_upstream_two_pass_formulation():
+    """Upstream's literal computation (avfast.bench.upstream.mavt: visual and audio streams in
+    two separate passes, LSA on B per-sample copies of the tokens, explicit attention / MLP per
+    block, explicit two-direction CE on each block's logits) on the model's own parameters."""
     torch.manual_seed(1)
     model = build("tiny").double()
     frames, audio = make_inputs(6, seed=3, dtype=torch.float64, audio_side=TINY.img_size)
@@ -177,16 +114,17 @@ def test_float64_equals_upstream_two_pass_formulation():
     loss, metrics = model.loss(out, batch)
     grads = torch.autograd.grad(loss, params)
 
-    p_fg, p_bg, ref_loss, (fg, bg, cnt) = upstream_forward_loss(model, frames, audio, batch["label"],
-                                                                 batch["background"])
+    upstream = UpstreamMAVT(model)
+    ref = upstream(frames, audio)
+    ref_loss, ref_metrics = upstream.loss(ref, batch)
     ref_grads = torch.autograd.grad(ref_loss, params)
 
     assert loss.dtype == torch.float64
-    assert (out["logits"] - p_fg).abs().max() <= 1e-10
-    assert (out["bg_logit"] - p_bg).abs().max() <= 1e-10
+    assert (out["logits"] - ref["logits"]).abs().max() <= 1e-10
+    assert (out["bg_logit"] - ref["bg_logit"]).abs().max() <= 1e-10
     assert abs(loss.item() - ref_loss.item()) <= 1e-10
-    for ours, ref in zip((metrics["ce_fg"], metrics["bce_bg"], metrics["contrastive"]), (fg, bg, cnt)):
-        assert abs(ours - ref.item()) <= 1e-10
+    for key in ("ce_fg", "bce_bg", "contrastive"):
+        assert abs(metrics[key] - ref_metrics[key]) <= 1e-10
     for p, g, r in zip(params, grads, ref_grads):
         assert (g - r).abs().max() <= 1e-10
 
