@@ -77,6 +77,17 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
     return obj
 
 
+def check_frames(owner: str, frames, num_frames: int, img_size: int) -> None:
+    """Raise unless ``frames`` is a float (B, num_frames, 3, img_size, img_size) tensor, B > 0."""
+    if not isinstance(frames, Tensor) or not frames.is_floating_point():
+        got = frames.dtype if isinstance(frames, Tensor) else type(frames).__name__
+        raise TypeError(f"{owner}: frames must be a float Tensor (B, T, 3, S, S), got {got}")
+    want = (num_frames, 3, img_size, img_size)
+    if frames.dim() != 5 or tuple(frames.shape[1:]) != want or frames.shape[0] == 0:
+        raise ValueError(f"{owner}: frames must be (B, T, 3, S, S) = (B, {', '.join(map(str, want))}), "
+                         f"got {tuple(frames.shape)}")
+
+
 def freeze(module: nn.Module) -> nn.Module:
     """Stop gradients to every parameter of ``module`` (frozen backbones)."""
     for p in module.parameters():

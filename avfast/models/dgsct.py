@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from timm.models.swin_transformer_v2 import SwinTransformerV2, checkpoint_filter_fn
 from torch import Tensor, nn
 
-from avfast.models.base import AVModel, freeze, read_checkpoint, strip_prefixes
+from avfast.models.base import AVModel, check_frames, freeze, read_checkpoint, strip_prefixes
 from avfast.models.htsat import HTSAT
 
 LOSS_TYPES = ("upstream", "segment_ce")
@@ -676,13 +676,7 @@ class DGSCT(AVModel):
 
     def _check_inputs(self, frames, audio) -> None:
         cfg = self.config
-        if not isinstance(frames, Tensor) or not frames.is_floating_point():
-            raise TypeError(f"DGSCT: frames must be a float Tensor (B, T, 3, S, S), got "
-                            f"{frames.dtype if isinstance(frames, Tensor) else type(frames).__name__}")
-        want = (cfg.num_frames, 3, cfg.img_size, cfg.img_size)
-        if frames.dim() != 5 or tuple(frames.shape[1:]) != want or frames.shape[0] == 0:
-            raise ValueError(f"DGSCT: frames must be (B, T, 3, S, S) = (B, {', '.join(map(str, want))}), "
-                             f"got {tuple(frames.shape)}")
+        check_frames("DGSCT", frames, cfg.num_frames, cfg.img_size)
         if not isinstance(audio, Tensor) or not audio.is_floating_point():
             raise TypeError(f"DGSCT: audio must be a float Tensor (B, T, L) of 32 kHz waveforms, got "
                             f"{audio.dtype if isinstance(audio, Tensor) else type(audio).__name__}")

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from avfast.models.base import AVModel, freeze, read_checkpoint, strip_prefixes
+from avfast.models.base import AVModel, check_frames, freeze, read_checkpoint, strip_prefixes
 from avfast.nn import STGCMABlockAdapters
 
 # Upstream (CLIP visual tower) name -> ours, outside the blocks.
@@ -365,13 +365,7 @@ class STGCMA(AVModel):
 
     def _check_inputs(self, frames, audio) -> None:
         cfg = self.config
-        if not isinstance(frames, Tensor) or not frames.is_floating_point():
-            raise TypeError(f"STGCMA: frames must be a float Tensor (B, T, 3, S, S), got "
-                            f"{frames.dtype if isinstance(frames, Tensor) else type(frames).__name__}")
-        want = (cfg.num_frames, 3, cfg.img_size, cfg.img_size)
-        if frames.dim() != 5 or tuple(frames.shape[1:]) != want or frames.shape[0] == 0:
-            raise ValueError(f"STGCMA: frames must be (B, T, 3, S, S) = (B, {', '.join(map(str, want))}), "
-                             f"got {tuple(frames.shape)}")
+        check_frames("STGCMA", frames, cfg.num_frames, cfg.img_size)
         if not isinstance(audio, Tensor) or not audio.is_floating_point():
             raise TypeError(f"STGCMA: audio must be a float Tensor (B, T, Ft, M), got "
                             f"{audio.dtype if isinstance(audio, Tensor) else type(audio).__name__}")
