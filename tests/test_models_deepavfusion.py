@@ -8,9 +8,17 @@ import dataclasses
 
 import pytest
 import torch
-import torch.nn.functional as nnf
 from timm.models.vision_transformer import Block
 
+from avfast.bench.upstream.deepavfusion import (
+    UpstreamDeepAVFusion,
+    UpstreamEncoder,
+    decode,
+    patch_loss,
+    patchify,
+    random_masking,
+    sincos_pos_embed,
+)
 from avfast.models import build_model
 from avfast.models.deepavfusion import (
     DeepAVFusion,
@@ -21,7 +29,6 @@ from avfast.models.deepavfusion import (
     build,
     build_mae,
 )
-from avfast.reference.fusion_blocks import UpstreamDenseFusionBlock, UpstreamFactorizedFusionBlock
 
 AUDIO = (1, 128, 192)
 
@@ -42,89 +49,9 @@ def randomize(model: torch.nn.Module) -> torch.nn.Module:
 
 
 # ------------------------------------------------------------------ literal upstream formulation
-
-def literal_pos_embed(dim, grid):
-    """MAE's 2-D sin-cos table as upstream builds it: meshgrid(w, h), first half from grid[0]."""
-    gh, gw = grid
-    grid_w, grid_h = torch.meshgrid(torch.arange(gw, dtype=torch.float64), torch.arange(gh, dtype=torch.float64),
-                                    indexing="xy")
-    grid = torch.stack([grid_w, grid_h]).reshape(2, 1, gh, gw)
-
-    def one_d(d, pos):
-        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2.0))
-        out = torch.einsum("m,d->md", pos.reshape(-1), omega)
-        return torch.cat([out.sin(), out.cos()], dim=1)
-
-    return torch.cat([one_d(dim // 2, grid[0]), one_d(dim // 2, grid[1])], dim=1)
-
-
-def literal_tokens(trunk, x, ids_keep=None):
-    w = trunk.patch_embed.proj
-    t = nnf.conv2d(x, w.weight, w.bias, stride=w.stride).flatten(2).transpose(1, 2) + trunk.pos_embed
-    if ids_keep is not None:
-        t = t.gather(dim=1, index=ids_keep.unsqueeze(-1).repeat(1, 1, t.shape[2]))
-    return t
-
-
-def upstream_fusion_blocks(enc, cfg):
-    blocks = []
-    for ours in enc.fusion_blocks:
-        if cfg.fusion_arch == "factorized":
-            ref = UpstreamFactorizedFusionBlock(cfg.embed_dim, cfg.fusion_num_heads, cfg.fusion_attn_ratio,
-                                                cfg.fusion_mlp_ratio, True, cfg.num_fusion_tkns)
-        else:
-            ref = UpstreamDenseFusionBlock(cfg.embed_dim, cfg.fusion_num_heads, cfg.fusion_attn_ratio,
-                                           cfg.fusion_mlp_ratio, True)
-        ref = ref.double()
-        ref.load_state_dict(ours.state_dict(), strict=True)
-        blocks.append(ref.train(ours.training))
-    return blocks
-
-
-def literal_encoder(enc, cfg, image, audio, ids_i=None, ids_a=None):
-    x_image, x_audio = literal_tokens(enc.image, image, ids_i), literal_tokens(enc.audio, audio, ids_a)
-    x_fusion = enc.fusion_tokens.expand(image.shape[0], -1, -1)
-    nI, nA, nF = x_image.shape[1], x_audio.shape[1], x_fusion.shape[1]
-    for blk_i, blk_a, blk_f in zip(enc.image.blocks, enc.audio.blocks, upstream_fusion_blocks(enc, cfg)):
-        _, new_i = blk_i(torch.cat((x_fusion, x_image), dim=1)).split((nF, nI), dim=1)
-        _, new_a = blk_a(torch.cat((x_fusion, x_audio), dim=1)).split((nF, nA), dim=1)
-        x_fusion = blk_f(x_fusion, x_image, x_audio)
-        x_image, x_audio = new_i, new_a
-    return enc.image.norm(x_image), enc.audio.norm(x_audio), enc.fusion_norm(x_fusion)
-
-
-def literal_masking(N, L, ratio):
-    noise = torch.rand(N, L)
-    ids_shuffle = torch.argsort(noise, dim=1)
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
-    keep = int(L * (1 - ratio))
-    mask = torch.ones([N, L], dtype=torch.float64)
-    mask[:, :keep] = 0
-    return ids_shuffle[:, :keep], torch.gather(mask, dim=1, index=ids_restore), ids_restore
-
-
-def literal_decoder(mae, m, x, x_fusion, ids_restore):
-    g = lambda name: getattr(mae, f"{m}_decoder_{name}")  # noqa: E731
-    bs, nF, nMask = x.shape[0], x_fusion.shape[1], ids_restore.shape[1] - x.shape[1]
-    x, x_fusion = g("embed")(x), g("embed")(x_fusion)
-    x = torch.cat([x, g("mask_token").repeat(bs, nMask, 1)], dim=1)
-    x = x.gather(dim=1, index=ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2])) + g("pos_embed")
-    x = torch.cat([x_fusion, x], dim=1)
-    for blk in g("blocks"):
-        x = blk(x)
-    return g("pred")(g("norm")(x[:, nF:, :]))
-
-
-def literal_patchify(x, p):
-    bs, c = x.shape[:2]
-    gH, gW = x.shape[2] // p, x.shape[3] // p
-    x = x.reshape(bs, c, gH, p, gW, p)
-    return torch.einsum("nchpwq->nhwpqc", x).reshape(bs, gH * gW, p * p * c)
-
-
-def literal_loss(target, pred, mask):
-    target = (target - target.mean(dim=-1, keepdim=True)) / (target.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5
-    return (((pred - target) ** 2).mean(dim=-1) * mask).sum() / mask.sum()
+# avfast.bench.upstream.deepavfusion: the encoder concatenating [F ; V] through the timm blocks
+# and slicing, the literal fusion blocks of avfast.reference.fusion_blocks (dense: the pair
+# tensor materialised) sharing the model's parameters, the literal AV-MAE.
 
 
 # ------------------------------------------------------------------ expected upstream key names
@@ -212,7 +139,8 @@ def test_encoder_equals_literal_upstream_float64(arch):
     cfg = model.config
     image, audio = (t[:, 0] if t.dim() == 5 else t for t in inputs(cfg, B=2, dtype=torch.float64))
     ours = model.encoder(image, audio)
-    ref = literal_encoder(model.encoder, cfg, image, audio)
+    upstream = UpstreamDeepAVFusion(model)
+    ref = upstream.encoder(image, audio)
     for a, b in zip(ours, ref):
         assert a.shape == b.shape
         assert (a - b).abs().max().item() <= 1e-10
@@ -221,6 +149,7 @@ def test_encoder_equals_literal_upstream_float64(arch):
     heads = (model.image_head, model.audio_head, model.fusion_head)
     logits = sum(h(x.mean(dim=1)) for h, x in zip(heads, ref)) / 3.0
     assert (out["logits"] - logits).abs().max().item() <= 1e-10
+    assert (upstream(image[:, None], audio)["logits"] - logits).abs().max().item() <= 1e-10
 
 
 def test_block_rows_equals_full_block_including_drop_path_float64():
@@ -238,8 +167,8 @@ def test_pos_embed_is_upstream_sincos_for_the_actual_grids():
     model = build("base", num_classes=5, depth=1)  # base widths and grids, one layer to stay cheap
     image_pe, audio_pe = model.encoder.image.pos_embed, model.encoder.audio.pos_embed
     assert image_pe.shape == (1, 196, 768) and audio_pe.shape == (1, 96, 768)
-    assert torch.allclose(image_pe[0].double(), literal_pos_embed(768, (14, 14)), atol=1e-6)
-    assert torch.allclose(audio_pe[0].double(), literal_pos_embed(768, (8, 12)), atol=1e-6)
+    assert torch.allclose(image_pe[0].double(), sincos_pos_embed(768, (14, 14)), atol=1e-6)
+    assert torch.allclose(audio_pe[0].double(), sincos_pos_embed(768, (8, 12)), atol=1e-6)
     assert model.encoder.fusion_tokens.shape == (1, 32, 768)
     blk = model.encoder.fusion_blocks[0]
     assert blk.attn.scale == 64 ** -0.5 and blk.attn.q.weight.shape == (192, 768) and blk.mlp.fc1.out_features == 768
@@ -252,19 +181,20 @@ def test_mae_loss_equals_literal_upstream_float64():
     torch.manual_seed(4)
     mae = randomize(DeepAVFusionMAE(cfg)).eval()
     frames, audio = inputs(cfg, B=3, dtype=torch.float64)
+    encoder = UpstreamEncoder(mae.encoder, cfg)
     torch.manual_seed(5)
     out = mae(frames, audio)
 
     torch.manual_seed(5)  # same random draws: image noise first, then audio
     image = frames[:, 0]
-    keep_i, mask_i, restore_i = literal_masking(3, cfg.image_tokens, cfg.image_mask_ratio)
-    keep_a, mask_a, restore_a = literal_masking(3, cfg.audio_tokens, cfg.audio_mask_ratio)
+    keep_i, mask_i, restore_i = random_masking(3, cfg.image_tokens, cfg.image_mask_ratio, dtype=torch.float64)
+    keep_a, mask_a, restore_a = random_masking(3, cfg.audio_tokens, cfg.audio_mask_ratio, dtype=torch.float64)
     assert keep_i.shape == (3, 1) and keep_a.shape == (3, 19)
-    x_i, x_a, x_f = literal_encoder(mae.encoder, cfg, image, audio, keep_i, keep_a)
-    pred_i = literal_decoder(mae, "image", x_i, x_f, restore_i)
-    pred_a = literal_decoder(mae, "audio", x_a, x_f, restore_a)
-    loss_i = literal_loss(literal_patchify(image, 16), pred_i, mask_i)
-    loss_a = literal_loss(literal_patchify(audio, 16), pred_a, mask_a)
+    x_i, x_a, x_f = encoder(image, audio, keep_i, keep_a)
+    pred_i = decode(mae, "image", x_i, x_f, restore_i)
+    pred_a = decode(mae, "audio", x_a, x_f, restore_a)
+    loss_i = patch_loss(patchify(image, 16), pred_i, mask_i)
+    loss_a = patch_loss(patchify(audio, 16), pred_a, mask_a)
 
     assert torch.equal(out["mask_image"], mask_i) and torch.equal(out["mask_audio"], mask_a)
     assert (out["pred_image"] - pred_i).abs().max().item() <= 1e-10

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as nnf
 from torch import nn
 
+from avfast.bench.upstream.stgcma import UpstreamSTGCMANet
 from avfast.models import build_model
 from avfast.models.stgcma import STGCMA, STGCMAConfig, _drop_path, audio_pos_embed, build
 
-ADAPTERS = ("T_Adapter", "T_Adapter_Audio", "S_Adapter", "S_Adapter_Audio", "MLP_Adapter", "MLP_Adapter_Audio")
 B, T = 2, 10
 
 
@@ -23,143 +23,33 @@ def inputs(cfg: STGCMAConfig, dtype=torch.float32, seed: int = 0):
 
 
 # ------------------------------------------------------------------ upstream, restated
-# Upstream's MM_CLIP_AVE in "fusion" mode written out in its own layout: tokens (L, B*T, D)
-# sequence-first, torch's nn.MultiheadAttention, T-attention over 't (b n) d' sequences,
-# the per-frame cross-attention as bmm + softmax without scaling. Upstream's names.
+# Upstream's MM_CLIP_AVE in "fusion" mode written out in its own layout and names lives in
+# avfast.bench.upstream.stgcma (UpstreamSTGCMANet): tokens (L, B*T, D) sequence-first, torch's
+# nn.MultiheadAttention, T-attention over 't (b n) d' sequences, the per-frame cross-attention
+# as bmm + softmax without scaling. Here it gets random weights of its own.
 
 
-class QuickGELU(nn.Module):
-    def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
-
-
-class UpstreamAdapter(nn.Module):
-    def __init__(self, D: int, r: int):
-        super().__init__()
-        self.act = nn.GELU()
-        self.D_fc1, self.D_fc2 = nn.Linear(D, r), nn.Linear(r, D)
-
-
-class UpstreamBlock(nn.Module):
-    def __init__(self, D: int, heads: int, r: int, T: int):
-        super().__init__()
-        self.T = T
-        self.attn = nn.MultiheadAttention(D, heads)
-        self.ln_1, self.ln_2 = nn.LayerNorm(D), nn.LayerNorm(D)
-        self.mlp = nn.Sequential()
-        self.mlp.add_module("c_fc", nn.Linear(D, 4 * D))
-        self.mlp.add_module("gelu", QuickGELU())
-        self.mlp.add_module("c_proj", nn.Linear(4 * D, D))
-        for name in ADAPTERS:
-            self.add_module(name, UpstreamAdapter(D, r))
-        self.gate_v = nn.Parameter(torch.zeros(1))
-        self.gate_a = nn.Parameter(torch.zeros(1))
-
-    def attention(self, x):  # (seq, batch, D)
-        return self.attn(x, x, x, need_weights=False)[0]
-
-    def temporal(self, x, adapter):
-        """'n (b t) d -> t (b n) d', frozen attention, adapter (no skip), back."""
-        n, bt, d = x.shape
-        b = bt // self.T
-        xt = x.reshape(n, b, self.T, d).permute(2, 1, 0, 3).reshape(self.T, b * n, d)
-        xt = adapter.D_fc2(adapter.act(adapter.D_fc1(self.attention(self.ln_1(xt)))))
-        return xt.reshape(self.T, b, n, d).permute(2, 1, 0, 3).reshape(n, bt, d)
-
-    def fuse(self, hv, ha):
-        """Per frame: h_v + g_v softmax(h_v h_a^T) h_a and the reverse; inputs (L, BT, r)."""
-        v_f, a_f = hv.permute(1, 0, 2), ha.permute(1, 0, 2)
-        a2v = torch.bmm(nnf.softmax(torch.bmm(v_f, a_f.permute(0, 2, 1)), dim=-1), a_f).permute(1, 0, 2)
-        v2a = torch.bmm(nnf.softmax(torch.bmm(a_f, v_f.permute(0, 2, 1)), dim=-1), v_f).permute(1, 0, 2)
-        return hv + self.gate_v * a2v, ha + self.gate_a * v2a
-
-    def forward(self, v, a):
-        v = v + self.temporal(v, self.T_Adapter)
-        a = a + self.temporal(a, self.T_Adapter_Audio)
-        vs, as_ = self.attention(self.ln_1(v)), self.attention(self.ln_1(a))
-        hv, ha = self.fuse(self.S_Adapter.act(self.S_Adapter.D_fc1(vs)),
-                           self.S_Adapter_Audio.act(self.S_Adapter_Audio.D_fc1(as_)))
-        v = v + vs + self.S_Adapter.D_fc2(hv)
-        a = a + as_ + self.S_Adapter_Audio.D_fc2(ha)
-        vn, an = self.mlp(self.ln_2(v)), self.mlp(self.ln_2(a))
-        hv, ha = self.fuse(self.MLP_Adapter.act(self.MLP_Adapter.D_fc1(vn)),
-                           self.MLP_Adapter_Audio.act(self.MLP_Adapter_Audio.D_fc1(an)))
-        return v + vn + self.MLP_Adapter.D_fc2(hv), a + an + self.MLP_Adapter_Audio.D_fc2(ha)
-
-
-class UpstreamTransformer(nn.Module):
-    def __init__(self, blocks):
-        super().__init__()
-        self.resblocks = nn.ModuleList(blocks)
-
-
-class UpstreamSTGCMA(nn.Module):
+def random_upstream(cfg: STGCMAConfig, heads: int | None = None) -> UpstreamSTGCMANet:
     """Random float64 weights of O(1) activations, every adapter and gate non-zero."""
+    net = UpstreamSTGCMANet(cfg, heads=heads).double()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p_ in net.named_parameters():
+            noise = torch.randn(p_.shape, generator=gen, dtype=p_.dtype)
+            if "ln_" in name:
+                p_.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * noise)
+            elif "gate_" in name:
+                p_.copy_(0.5 + 0.2 * noise)
+            elif p_.dim() >= 2 and "embedding" not in name:
+                p_.copy_(noise * p_[0].numel() ** -0.5)
+            else:
+                p_.copy_(0.2 * noise)
+    return net
 
-    def __init__(self, cfg: STGCMAConfig, heads: int | None = None):
-        super().__init__()
-        D, p, self.T = cfg.embed_dim, cfg.patch_size, cfg.num_frames
-        r = int(D * cfg.adapter_ratio)
-        g, (t, f) = cfg.img_size // p, cfg.audio_grid
-        self.conv1 = nn.Conv2d(3, D, p, p, bias=False)
-        self.class_embedding = nn.Parameter(torch.zeros(D))
-        self.positional_embedding = nn.Parameter(torch.zeros(1 + g * g, D))
-        self.ln_pre = nn.LayerNorm(D)
-        self.conv1_audio = nn.Conv2d(1, D, p, p, bias=False)
-        self.positional_embedding_audio = nn.Parameter(torch.zeros(1 + t * f, D))
-        self.temporal_embedding = nn.Parameter(torch.zeros(1, self.T, D))
-        self.temporal_embedding_audio = nn.Parameter(torch.zeros(1, self.T, D))
-        self.transformer = UpstreamTransformer(
-            UpstreamBlock(D, heads or cfg.num_heads, r, self.T) for _ in range(cfg.depth))
-        self.ln_post = nn.LayerNorm(D)
-        self.mlp_head = nn.Sequential(nn.Linear(2 * D, cfg.head_hidden), nn.Dropout(cfg.head_dropout),
-                                      nn.Linear(cfg.head_hidden, cfg.num_classes))
-        self.double()
-        gen = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for name, p_ in self.named_parameters():
-                noise = torch.randn(p_.shape, generator=gen, dtype=p_.dtype)
-                if "ln_" in name:
-                    p_.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * noise)
-                elif "gate_" in name:
-                    p_.copy_(0.5 + 0.2 * noise)
-                elif p_.dim() >= 2 and "embedding" not in name:
-                    p_.copy_(noise * p_[0].numel() ** -0.5)
-                else:
-                    p_.copy_(0.2 * noise)
 
-    def embed(self, x, conv, pos, temporal):
-        """x ((b t), c, h, w) -> (L, (b t), D) after ln_pre, as upstream."""
-        x = conv(x)
-        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
-        cls = self.class_embedding + torch.zeros(x.shape[0], 1, x.shape[-1], dtype=x.dtype)
-        x = torch.cat([cls, x], dim=1) + pos
-        bt, n, d = x.shape
-        x = x.reshape(bt // self.T, self.T, n, d).permute(0, 2, 1, 3).reshape(-1, self.T, d)  # (b n) t d
-        x = x + temporal
-        x = x.reshape(bt // self.T, n, self.T, d).permute(0, 2, 1, 3).reshape(bt, n, d)
-        return self.ln_pre(x).permute(1, 0, 2)
-
-    def forward_features(self, a, v):
-        """a (B, T, Ft, M), v (B, 3, T, H, W) (upstream's input layouts) -> tokens (L, BT, D)."""
-        Bv, C, Tv, H, W = v.shape
-        v = self.embed(v.permute(0, 2, 1, 3, 4).reshape(Bv * Tv, C, H, W), self.conv1,
-                       self.positional_embedding, self.temporal_embedding)
-        a = a.unsqueeze(1)
-        a = self.embed(a.permute(0, 2, 1, 3, 4).reshape(-1, 1, *a.shape[-2:]), self.conv1_audio,
-                       self.positional_embedding_audio, self.temporal_embedding_audio)
-        for block in self.transformer.resblocks:
-            v, a = block(v, a)
-        return v, a
-
-    def forward(self, a, v):
-        v, a = self.forward_features(a, v)
-        v, a = self.ln_post(v.permute(1, 0, 2)), self.ln_post(a.permute(1, 0, 2))
-        return self.mlp_head(torch.cat([a[:, 0], v[:, 0]], dim=-1))  # (BT, C)
-
-    def checkpoint(self):
-        """What upstream saves: a DataParallel state dict."""
-        return {f"module.{k}": v.clone() for k, v in self.state_dict().items()}
+def checkpoint(net: nn.Module) -> dict[str, torch.Tensor]:
+    """What upstream saves: a DataParallel state dict."""
+    return {f"module.{k}": v.clone() for k, v in net.state_dict().items()}
 
 
 def upstream_trainable(name: str) -> bool:
@@ -200,7 +90,7 @@ def test_tiny_forward_backward_and_trainable_set():
         else:
             assert p.grad is None, name
     # trainable exactly where upstream's name filter says so
-    mapping = model.upstream_key_map(UpstreamSTGCMA(cfg).state_dict().keys())
+    mapping = model.upstream_key_map(random_upstream(cfg).state_dict().keys())
     params = dict(model.named_parameters())
     assert {k: params[n].requires_grad for k, n in mapping.items()} == {k: upstream_trainable(k) for k in mapping}
 
@@ -228,9 +118,9 @@ def test_loss_targets():
 def test_matches_upstream_float64(upstream_heads):
     """Whole model, two blocks: our (N, L, D) timm wiring vs upstream's (L, N, D) formulation."""
     cfg = STGCMAConfig.tiny(upstream_heads=upstream_heads)
-    upstream = UpstreamSTGCMA(cfg, heads=cfg.heads).eval()
+    upstream = random_upstream(cfg, heads=cfg.heads).eval()
     model = STGCMA(cfg).double().eval()
-    model.load_upstream_state_dict(upstream.checkpoint())
+    model.load_upstream_state_dict(checkpoint(upstream))
     frames, audio = inputs(cfg, torch.float64)
     with torch.no_grad():
         ref_v, ref_a = upstream.forward_features(audio, frames.permute(0, 2, 1, 3, 4))
@@ -243,15 +133,14 @@ def test_matches_upstream_float64(upstream_heads):
     assert (logits.reshape(B * T, -1) - ref).abs().max() <= 1e-10
     if upstream_heads is not None:  # the head count matters: upstream's 8-head ViT-B differs
         correct = STGCMA(STGCMAConfig.tiny()).double().eval()
-        correct.load_upstream_state_dict(upstream.checkpoint())
+        correct.load_upstream_state_dict(checkpoint(upstream))
         with torch.no_grad():
             assert (correct(frames, audio)["logits"] - logits).abs().max() > 1e-4
 
 
 def test_upstream_state_dict_loads_strictly_and_changes_outputs():
     cfg = STGCMAConfig.tiny()
-    upstream = UpstreamSTGCMA(cfg).float()
-    state = upstream.checkpoint()
+    state = checkpoint(random_upstream(cfg).float())
     torch.manual_seed(0)
     model = STGCMA(cfg).eval()
     frames, audio = inputs(cfg)
@@ -280,7 +169,7 @@ def test_upstream_state_dict_loads_strictly_and_changes_outputs():
 
 def test_build_pretrained_file(tmp_path):
     cfg = STGCMAConfig.tiny()
-    state = UpstreamSTGCMA(cfg).float().checkpoint()
+    state = checkpoint(random_upstream(cfg).float())
     path = tmp_path / "audio_model_wa.pth"
     torch.save(state, path)
     model = build_model("stgcma", "tiny", pretrained=str(path))
@@ -349,7 +238,7 @@ def test_backbone_weights_files(tmp_path):
     timm_path = tmp_path / "vit_timm.pth"
     torch.save({"state_dict": timm_state}, timm_path)
     # OpenAI CLIP layout, whole model: visual tower under "visual.", a text tower beside it
-    upstream = UpstreamSTGCMA(STGCMAConfig.tiny()).float().checkpoint()
+    upstream = checkpoint(random_upstream(STGCMAConfig.tiny()).float())
     clip_state = {f"visual.{k[len('module.'):]}": v for k, v in upstream.items()
                   if not any(s in k for s in ("Adapter", "gate_", "temporal", "audio", "mlp_head"))}
     clip_state["visual.proj"] = torch.randn(64, 16)
