@@ -184,3 +184,30 @@ def test_batches_from_a_start_batch_resume_the_epoch(prepared, path):
     for a, b in zip(full[1:], tail):
         torch.testing.assert_close(a["index"], b["index"])
         torch.testing.assert_close(a["frames"], b["frames"], rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("preset", ["deepavfusion", "stgcma"])
+def test_dali_gpu_path_matches_cpu_path_on_h264(tmp_path_factory, preset):
+    """The GPU path (NVDEC ``mixed`` decoder, GPU resize, GPU front-ends) on H.264 + prepared
+    FLAC against the CPU path: frames +-2 (uint8), features within relative 1e-2."""
+    pytest.importorskip("nvidia.dali")
+    from avfast.data import DALILoader
+
+    root = tmp_path_factory.mktemp("h264")
+    make_dataset(root / "raw", num_classes=2, clips_per_class=2, suffix=".mp4", duration=2.0, fps=10, size=64)
+    report = prepare(root / "raw", root / "prepared", reencode="h264", gop=4, workers=1, progress=False)
+    manifest = Manifest.load(report.manifest_path)
+    kw = dict(batch_size=2, train=True, seed=SEED)
+    for features in (False, True):
+        cpu = batches(CPULoader(manifest, preset, features=features, **kw))
+        gpu = batches(DALILoader(manifest, preset, device_id=0, features=features, **kw))
+        assert len(cpu) == len(gpu) == 2
+        for c, g in zip(cpu, gpu):
+            assert g["frames"].is_cuda and g["audio"].is_cuda
+            torch.testing.assert_close(c["index"], g["index"].cpu())
+            if features:
+                scale = c["audio"].abs().max()
+                assert (c["audio"] - g["audio"].cpu()).abs().max() <= 1e-2 * scale
+            else:
+                assert (c["frames"].int() - g["frames"].cpu().int()).abs().max() <= 2

@@ -1,5 +1,6 @@
 """The training loop: checkpoints, exact resume, evaluation, split, DDP (2 gloo processes)."""
 
+import dataclasses
 import json
 import os
 import socket
@@ -76,6 +77,7 @@ def test_resume_reproduces_the_next_step_loss(clips, tmp_path):
     resumed = Trainer(config(clips, tmp_path / "b", max_steps=4, resume=True))
     assert resumed.step == 2
     resumed.fit()
+    assert resumed.step == 3
     a, b = step_losses(tmp_path / "a"), step_losses(tmp_path / "b")
     assert a[3] == b[3] and a[4] == b[4]  # bit-identical on the CPU
     for (name, p), q in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
@@ -164,3 +166,26 @@ def test_ddp_two_gloo_processes_stay_in_sync(clips, tmp_path):
     assert (s0, s1, n0, n1) == (0, 1, 2, 2)
     np.testing.assert_array_equal(w0, w1)  # DDP averaged the gradients
     assert (tmp_path / "last.pt").is_file()
+
+
+@pytest.mark.cuda
+def test_cuda_training_with_bf16_autocast_and_the_auto_loader(tmp_path):
+    """Two steps of a tiny DeepAVFusion on the GPU (bf16 autocast; the DALI loader when DALI
+    is installed, the data being prepared), then resume for a third."""
+    from avfast.data.prepare import prepare
+
+    make_dataset(tmp_path / "raw", num_classes=2, clips_per_class=3, suffix=".mp4", duration=2.0, fps=10, size=32)
+    prepare(tmp_path / "raw", tmp_path / "prepared", reencode="h264", workers=1, progress=False)
+    from avfast.models import build_model
+
+    loop.build_model = build_model  # the real registry (the autouse fixture restores the probe's)
+    cfg = TrainConfig(method="deepavfusion", data=str(tmp_path / "prepared"), out=str(tmp_path / "run"), size="tiny",
+                      epochs=2, max_steps=2, batch_size=2, workers=0, progress=False, log_every=1, val_fraction=0.3)
+    trainer = Trainer(cfg)
+    assert trainer.device.type == "cuda"
+    trainer.fit()
+    assert all(np.isfinite(v) for v in step_losses(tmp_path / "run").values())
+    resumed = Trainer(dataclasses.replace(cfg, max_steps=3, resume=True))
+    assert resumed.step == 2
+    resumed.fit()
+    assert resumed.step == 3
