@@ -157,6 +157,10 @@ def _add_data_commands(sub) -> dict[str, argparse.ArgumentParser]:
     return {"prepare": p_prep, "synth": p_synth}
 
 
+class UsageError(Exception):
+    """Settings or data that cannot work: reported as a usage error (exit 2)."""
+
+
 def _override(text: str) -> tuple[str, object]:
     """KEY=VALUE -> (key, value), the value read as a Python literal when it is one."""
     import ast
@@ -234,16 +238,24 @@ def train(args: argparse.Namespace) -> int:
                       pretrain=args.command == "pretrain", resume=args.resume,
                       checkpoint_every=args.checkpoint_every, log_every=args.log_every,
                       progress=not args.quiet, device=args.device, model_overrides=dict(args.overrides))
-    result = Trainer(cfg).fit()
+    try:
+        trainer = Trainer(cfg)
+    except (ValueError, FileNotFoundError) as err:  # settings or data that cannot work
+        raise UsageError(str(err)) from err
+    result = trainer.fit()
     print(" ".join(f"{k}={v:.4f}" for k, v in result.items()))
     return 0
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from avfast.train import evaluate_checkpoint
+    from avfast.train.loop import checkpoint_evaluator
 
-    result = evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size,
-                                 workers=args.workers, device=args.device)
+    try:
+        trainer = checkpoint_evaluator(args.checkpoint, args.data, batch_size=args.batch_size,
+                                       workers=args.workers, device=args.device)
+    except (ValueError, FileNotFoundError) as err:
+        raise UsageError(str(err)) from err
+    result = trainer.evaluate()
     print(" ".join(f"{k}={v:.4f}" for k, v in result.items()))
     return 0
 
@@ -278,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         run = {"train": train, "pretrain": train, "eval": evaluate, "demo": demo}[args.command]
         try:
             return run(args)
-        except (ValueError, FileNotFoundError) as err:  # bad arguments or data: exit 2 with the message
+        except UsageError as err:
             train_parsers[args.command].error(str(err))
     return bench(args.name, rest)
 

@@ -10,11 +10,12 @@ import torch
 from avfast.bench.upstream import (
     UpstreamDeepAVFusion,
     UpstreamDeepAVFusionMAE,
+    UpstreamDGSCT,
     UpstreamMAVT,
     UpstreamSTGCMA,
     UpstreamSTGCMANet,
 )
-from avfast.models import deepavfusion, mavt, stgcma
+from avfast.models import deepavfusion, dgsct, mavt, stgcma
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 
@@ -140,6 +141,24 @@ def test_deepavfusion_mae_matches_model():
         upstream.predict(ref)
 
 
+def test_dgsct_matches_model():
+    torch.manual_seed(0)
+    model = dgsct.build("tiny").eval()
+    with torch.no_grad():  # non-zero gates, so that the adapters and their inner gradients count
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_((0.5 if "gate" in name else 0.1) * torch.randn_like(p))
+    upstream = UpstreamDGSCT(model)
+    same_parameters(upstream, model)
+    g = torch.Generator().manual_seed(1)
+    frames = torch.randn(2, 10, 3, 32, 32, generator=g)
+    audio = 0.1 * torch.randn(2, 10, 32000, generator=g)
+    batch = {"segment_labels": torch.tensor([[28, 28, 5, 5, 5, 5, 28, 28, 28, 28], [3] * 10])}
+    check_against_model(upstream, model, frames, audio, batch,
+                        ("logits", "is_event", "event_logits", "av_score", "av_gate",
+                         "visual_features", "audio_features"))
+
+
 def test_train_mode_step_runs():
     """Training mode (DropPath, dropout on): a forward, loss and backward of each wrapper."""
     torch.manual_seed(0)
@@ -150,6 +169,8 @@ def test_train_mode_step_runs():
          {"label": torch.tensor([3])}),
         (UpstreamDeepAVFusion(deepavfusion.build("tiny", fusion_arch="dense").train()), (2, 1, 3, 32, 32),
          (2, 1, 128, 192), {"label": torch.tensor([0, 1])}),
+        (UpstreamDGSCT(dgsct.build("tiny").train()), (1, 10, 3, 32, 32), (1, 10, 32000),
+         {"label": torch.tensor([3])}),
     ]
     for upstream, frames, audio, batch in cases:
         loss, _ = upstream.loss(upstream(torch.randn(frames), torch.randn(audio)), batch)
@@ -168,6 +189,12 @@ def test_errors():
         UpstreamMAVT(mavt.build("tiny", upstream_quirks=False))
     with pytest.raises(ValueError, match="upstream_quirks=True"):
         UpstreamDeepAVFusion(deepavfusion.build("tiny", upstream_quirks=False))
+    with pytest.raises(TypeError, match="UpstreamDGSCT: model must be"):
+        UpstreamDGSCT(mavt.build("tiny"))
+    with pytest.raises(ValueError, match="upstream_quirks=True"):
+        UpstreamDGSCT(dgsct.build("tiny", upstream_quirks=False))
+    with pytest.raises(ValueError, match="loss_type='upstream'"):
+        UpstreamDGSCT(dgsct.build("tiny", loss_type="segment_ce"))
     upstream = UpstreamMAVT(mavt.build("tiny"))
     with pytest.raises(ValueError, match="frames"):
         upstream(torch.randn(2, 1, 3, 32, 32), torch.randn(2, 1, 64, 64))

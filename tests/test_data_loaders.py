@@ -211,3 +211,51 @@ def test_dali_gpu_path_matches_cpu_path_on_h264(tmp_path_factory, preset):
                 assert (c["audio"] - g["audio"].cpu()).abs().max() <= 1e-2 * scale
             else:
                 assert (c["frames"].int() - g["frames"].cpu().int()).abs().max() <= 2
+
+
+def _broken_copy(manifest, tmp_path):
+    """The manifest with clip 0's video missing, clip 1's video corrupt and clip 2's audio
+    silent (a prepared FLAC of zeros)."""
+    import dataclasses
+
+    from avfast.data import media
+
+    corrupt = tmp_path / "corrupt.mkv"
+    corrupt.write_bytes(b"\x1aE\xdf\xa3" + bytes(range(256)) * 64)
+    silent = tmp_path / "silent.flac"
+    media.write_flac(silent, np.zeros((1, 32000), dtype=np.float32), 16000)
+    clips = list(manifest.clips)
+    clips[0] = dataclasses.replace(clips[0], path=str(tmp_path / "missing.mkv"))
+    clips[1] = dataclasses.replace(clips[1], path=str(corrupt))
+    clips[2] = dataclasses.replace(clips[2], audio_path=str(silent))
+    return Manifest(clips, manifest.classes, manifest.root)
+
+
+@pytest.mark.parametrize("path", ["cpu", "dali"])
+def test_bad_clips_are_replaced_when_training_and_dropped_when_evaluating(prepared, tmp_path, path):
+    broken = _broken_copy(prepared, tmp_path)
+    make = CPULoader if path == "cpu" else (lambda *a, **k: dali_loader(*a, **k))
+    train = make(broken, "deepavfusion", batch_size=3, train=True, seed=SEED, features=False)
+    got = batches(train)
+    assert [b["index"].numel() for b in got] == [3, 3]  # full batches: DDP ranks stay in step
+    used = torch.cat([b["index"] for b in got]).tolist()
+    assert not {0, 1, 2} & set(used)
+    assert sum(train.skipped.values()) >= 3 and "silent" in train.skipped
+    evaluate = make(broken, "deepavfusion", batch_size=3, train=False, features=False)
+    kept = torch.cat([b["index"] for b in batches(evaluate)]).tolist()
+    assert kept == [3, 4, 5] and sum(evaluate.skipped.values()) == 3
+
+
+def test_dali_cuts_audio_to_the_clip_bounds_like_the_cpu_path(prepared):
+    import dataclasses
+
+    clips = [dataclasses.replace(c, start=0.5, end=1.5) for c in prepared.clips]
+    bounded = Manifest(clips, prepared.classes, prepared.root)
+    kw = dict(batch_size=3, train=True, seed=SEED, features=False)
+    for c, d in zip(batches(CPULoader(bounded, "mavt", **kw)), batches(dali_loader(bounded, "mavt", **kw))):
+        torch.testing.assert_close(c["audio"], d["audio"], rtol=0, atol=1e-6)
+
+
+def test_prepared_audio_below_the_preset_rate_is_refused(prepared):
+    with pytest.raises(ValueError, match=r"manifest: the preset reads audio at 32000 Hz, got clips prepared at \[16000\] Hz"):
+        CPULoader(prepared, "dgsct", batch_size=1, train=False)

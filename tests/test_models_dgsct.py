@@ -3,7 +3,6 @@ upstream's formulation written literally (float64), upstream checkpoint keys, qu
 
 from __future__ import annotations
 
-import math
 import re
 
 import pytest
@@ -11,6 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from avfast.bench.upstream.dgsct import (
+    UpstreamDGSCT,
+    as_conv,
+    from_conv,
+    upstream_adapter,
+    upstream_decision,
+    upstream_features,
+    upstream_temporal_and_head,
+)
 from avfast.models.dgsct import DGSCT, DGSCTConfig, DualGuidedAdapter, build
 
 B, T = 2, 10
@@ -45,169 +53,10 @@ def tiny(dtype=torch.float64, seed=0, **overrides) -> DGSCT:
 
 
 # ---------------------------------------------------------------------- upstream, literally
-
-
-def upstream_adapter(ad: DualGuidedAdapter, x4: torch.Tensor, y4: torch.Tensor, training: bool, offset: float):
-    """Upstream VisualAdapter.forward (bottleneck, multimodal) in its (N, C, tokens, 1) layout:
-    1x1 conv over the guide's TOKEN axis first, then the channel Linear; grouped 1x1 convs and
-    BatchNorm2d in the bottleneck. Returns (update (N, Cx, Nx, 1), spatial map (N, 1, Nx))."""
-    n = x4.shape[0]
-    guide = F.conv2d(y4.transpose(2, 1), ad.guide_mix_weight[..., None, None], ad.guide_mix_bias)  # (N, Nx, Cy, 1)
-    guide = F.linear(guide.squeeze(-1), ad.guide_proj.weight, ad.guide_proj.bias).permute(0, 2, 1).unsqueeze(-1)
-    tokens = ad.latent_tokens.expand(n, -1, -1)
-    to_guide = torch.softmax(torch.bmm(tokens, guide.squeeze(-1)), dim=-1)
-    tokens = tokens + torch.bmm(to_guide, guide.squeeze(-1).permute(0, 2, 1))
-    to_tokens = torch.softmax(torch.bmm(x4.squeeze(-1).permute(0, 2, 1), tokens.permute(0, 2, 1)), dim=-1)
-    x4 = x4 + ad.gate_latent * torch.bmm(to_tokens, tokens).permute(0, 2, 1).unsqueeze(-1)
-    pooled = guide.mean(dim=2).squeeze(-1)
-    guide_q = F.relu(ad.channel_guide(pooled)).unsqueeze(-2)
-    target_q = F.relu(ad.channel_target(x4.squeeze(-1).permute(0, 2, 1)))
-    joint = F.relu(ad.channel_down((guide_q * target_q).mean(-2)))
-    channel = ad.channel_up(joint).sigmoid().reshape(n, 1, -1)
-    attended = x4.squeeze(-1).permute(0, 2, 1) * (channel + 1)
-    spatial = ad.spatial_score(F.relu(ad.spatial_target(attended)) * F.relu(ad.spatial_guide(pooled)).unsqueeze(-2))
-    spatial_sig = spatial.transpose(2, 1).sigmoid().transpose(2, 1)
-    spatial_map = torch.softmax(torch.tanh(spatial).transpose(2, 1), dim=-1)
-    x = x4.squeeze(-1).permute(0, 2, 1) * (ad.alpha * channel + ad.beta * spatial_sig + offset)
-    x4 = ad.ln_before(x).permute(0, 2, 1).unsqueeze(-1)
-    z = F.conv2d(x4, ad.down_weight[..., None, None], groups=ad.groups)
-    z = F.batch_norm(z, ad.bn1.running_mean.clone(), ad.bn1.running_var.clone(), ad.bn1.weight, ad.bn1.bias,
-                     training, 0.1, ad.bn1.eps)
-    z = F.conv2d(F.relu(z), ad.up_weight[..., None, None], groups=ad.groups)
-    z = F.batch_norm(z, ad.bn2.running_mean.clone(), ad.bn2.running_var.clone(), ad.bn2.weight, ad.bn2.bias,
-                     training, 0.1, ad.bn2.eps)
-    out = ad.ln_post(z.squeeze(-1).permute(0, 2, 1)).permute(0, 2, 1).unsqueeze(-1)
-    return ad.gate * out, spatial_map
-
-
-def as_conv(t: torch.Tensor) -> torch.Tensor:
-    """(N, L, C) -> upstream's (N, C, L, 1)."""
-    return t.permute(0, 2, 1).unsqueeze(-1)
-
-
-def from_conv(t: torch.Tensor) -> torch.Tensor:
-    return t.squeeze(-1).permute(0, 2, 1)
-
-
-def upstream_features(model: DGSCT, frames: torch.Tensor, audio: torch.Tensor, paper: bool = False):
-    """Upstream MMIL_Net.forward_swin up to the pooled features, with (N, L, C) tokens as timm
-    0.6 keeps them (patch merging at the end of a stage), upstream's hard-coded block list for
-    unequal stages, and its loop of p1/p2 adapters; the data loader's tiling of each second.
-    paper=True: the paper's form instead (zero padding, factor + 1, Eq. 2 on the audio side,
-    HTS-AT's final norm)."""
-    cfg = model.config
-    n = frames.shape[0] * frames.shape[1]
-    wave = audio.reshape(n, -1)
-    if paper:
-        wave = torch.cat([wave, wave.new_zeros(n, max(cfg.audio_clip_samples - wave.shape[1], 0))], dim=1)
-    while wave.size(-1) < cfg.audio_clip_samples:
-        wave = torch.cat((wave, wave), dim=-1)
-    wave = wave[:, :cfg.audio_clip_samples]
-    f_v = model.visual.patch_embed(frames.reshape(n, 3, cfg.img_size, cfg.img_size)).flatten(1, 2)
-    f_a = model.audio.patch_embed(model.audio.front_end(wave)).flatten(1, 2)
-
-    def grid(t):
-        side = int(math.isqrt(t.shape[1]))
-        return t.reshape(t.shape[0], side, side, t.shape[2])
-
-    offset = 1.0 if paper else 1 - cfg.guide_alpha
-    idx = 0
-    stages = list(zip(model.visual.layers, model.audio.layers))
-    for s, (vstage, astage) in enumerate(stages):
-        if len(vstage.blocks) == len(astage.blocks):
-            aud_blocks = list(astage.blocks)
-        else:  # upstream's hard-coded [None, None, a0, None, None, a1, ...] for 18 vs 6
-            aud_blocks = [blk for a_blk in astage.blocks for blk in (None, None, a_blk)]
-            assert len(aud_blocks) == len(vstage.blocks)
-        for blk, blk_a in zip(vstage.blocks, aud_blocks):
-            if blk_a is None:
-                f_v = blk(grid(f_v)).flatten(1, 2)
-                continue
-            ad = model.adapters[idx]
-            a_res, _ = upstream_adapter(ad.audio_p1, as_conv(f_a), as_conv(f_v), False, offset)
-            v_res, _ = upstream_adapter(ad.visual_p1, as_conv(f_v), as_conv(f_a), False, offset)
-            f_v = f_v + blk.norm1(blk._attn(grid(f_v))).flatten(1, 2)
-            f_v = f_v + from_conv(v_res)
-            if paper:
-                f_a = f_a + blk_a._attn(blk_a.norm1(grid(f_a))).flatten(1, 2)
-            else:
-                f_a = blk_a(grid(f_a)).flatten(1, 2)
-            f_a = f_a + from_conv(a_res)
-            a_res, a_map = upstream_adapter(ad.audio_p2, as_conv(f_a), as_conv(f_v), False, offset)
-            v_res, v_map = upstream_adapter(ad.visual_p2, as_conv(f_v), as_conv(f_a), False, offset)
-            f_v = f_v + blk.norm2(blk.mlp(f_v))
-            f_v = f_v + from_conv(v_res)
-            if paper:
-                f_a = f_a + blk_a.mlp(blk_a.norm2(f_a))
-            f_a = f_a + from_conv(a_res)
-            idx += 1
-        if s + 1 < len(stages):  # timm 0.6: the next stage's patch merging ends this stage
-            f_v = stages[s + 1][0].downsample(grid(f_v)).flatten(1, 2)
-        if astage.downsample is not None:
-            f_a = astage.downsample(grid(f_a)).flatten(1, 2)
-    f_v = model.visual.norm(f_v)
-    if paper:
-        f_a = model.audio.norm(f_a)
-    return torch.bmm(v_map, f_v).squeeze(1), torch.bmm(a_map, f_a).squeeze(1)
-
-
-def seq_first(mha: nn.MultiheadAttention) -> nn.MultiheadAttention:
-    copy = nn.MultiheadAttention(mha.embed_dim, mha.num_heads, dropout=0.0).to(mha.in_proj_weight.dtype)
-    copy.load_state_dict(mha.state_dict())
-    return copy
-
-
-def upstream_temporal_and_head(model: DGSCT, f_v: torch.Tensor, f_a: torch.Tensor):
-    """Upstream TemporalAttention + CMBS (eval mode) with their (T, B, d) layout and their
-    encoder/decoder layers written out."""
-    tm, hd = model.temporal, model.head
-
-    def encoder_layer(layer, src):
-        src = layer.norm1(src + seq_first(layer.self_attn)(src, src, src)[0])
-        return layer.norm2(src + layer.linear2(F.relu(layer.linear1(src))))
-
-    def encoder(module, x):
-        x = module.proj(x)
-        for layer in module.encoder.layers:
-            x = encoder_layer(layer, x)
-        return x
-
-    def decoder(module, tgt, memory):
-        tgt, layer = module.proj(tgt), module.layer
-        memory = torch.cat([memory, tgt], dim=0)
-        tgt = layer.norm1(tgt + seq_first(layer.multihead_attn)(tgt, memory, memory)[0])
-        return layer.norm2(tgt + layer.linear2(F.relu(layer.linear1(tgt))))
-
-    audio_feature = tm.audio_fc(f_a)
-    visual_feature = F.relu(tm.video_fc(f_v))
-    audio_rnn, _ = tm.audio_rnn(audio_feature)
-    visual_rnn, _ = tm.video_rnn(visual_feature)
-    audio_in, visual_in = audio_rnn.transpose(1, 0), visual_rnn.transpose(1, 0)  # (T, B, .)
-    video_kv = encoder(tm.video_encoder, visual_in)
-    audio_query = decoder(tm.audio_decoder, audio_in, video_kv)
-    audio_kv = encoder(tm.audio_encoder, audio_in)
-    video_query = decoder(tm.video_decoder, visual_in, audio_kv)
-    audio_gate, video_gate = torch.sigmoid(tm.audio_gate(audio_kv)), torch.sigmoid(tm.video_gate(video_kv))
-    video_query = video_query + audio_gate * video_query * tm.gamma
-    audio_query = audio_query + video_gate * audio_query * tm.gamma
-    av_gate = audio_gate * video_gate
-
-    video_cas = hd.video_cas(video_query).permute(1, 0, 2)
-    audio_cas = hd.audio_cas(audio_query).permute(1, 0, 2)
-    score_v = video_cas.sort(descending=True, dim=1)[0][:, :4, :].mean(1)
-    score_a = audio_cas.sort(descending=True, dim=1)[0][:, :4, :].mean(1)
-    av_score = (score_v + score_a) / 2
-    fused = (video_query + audio_query) / 2
-    is_event = hd.is_event(fused)  # (T, B, 1)
-    event = hd.event(fused.transpose(1, 0).max(1)[0]) + hd.gamma * av_score
-    return is_event.transpose(1, 0).squeeze(-1), event, av_score, av_gate.transpose(1, 0).squeeze(-1)
-
-
-def upstream_decision(is_event: torch.Tensor, event: torch.Tensor, background: int) -> torch.Tensor:
-    """Upstream compute_accuracy_supervised's prediction: event class where sigmoid > 0.5, else background."""
-    pred = (is_event.sigmoid() > 0.5).long() * event.argmax(-1)[:, None]
-    pred[is_event.sigmoid() <= 0.5] = background
-    return pred
+# Upstream's formulation written literally lives in avfast.bench.upstream.dgsct: the adapter in
+# its (N, C, tokens, 1) layout (1x1 conv over the guide's token axis first, grouped 1x1 convs and
+# BatchNorm2d), MMIL_Net.forward_swin's loop with its block list, p1/p2 adapters and patch-merge
+# placement, the pooling, TemporalAttention + CMBS in (T, B, d) and upstream's decision.
 
 
 # ---------------------------------------------------------------------- tests
@@ -245,7 +94,7 @@ def test_adapter_matches_upstream_layout_float64(training, upstream_scale):
         assert ad.project_first == (cx < cy)
         x, y = torch.randn(6, nx, cx, dtype=torch.float64), torch.randn(6, ny, cy, dtype=torch.float64)
         ours, ours_map = ad(x, y)
-        ref, ref_map = upstream_adapter(ad, as_conv(x), as_conv(y), training, 1 - 0.3 if upstream_scale else 1.0)
+        ref, ref_map = upstream_adapter(ad, as_conv(x), as_conv(y), 1 - 0.3 if upstream_scale else 1.0)
         assert (ours - from_conv(ref)).abs().max() <= 1e-10
         assert (ours_map - ref_map.squeeze(1)).abs().max() <= 1e-10
         # the same result in upstream's order
@@ -265,6 +114,31 @@ def test_block_wiring_temporal_and_head_match_upstream_float64():
     for key, ref in (("is_event", is_event), ("event_logits", event), ("av_score", av_score), ("av_gate", av_gate)):
         assert (out[key] - ref).abs().max() <= 1e-10, key
     assert torch.equal(out["logits"].argmax(-1), upstream_decision(out["is_event"], out["event_logits"], 28))
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_upstream_formulation_gradients_float64(training):
+    """UpstreamDGSCT (the functions above plus upstream's loss) on the model's parameters:
+    outputs, loss and every trainable gradient equal the model's (adapter BatchNorms on batch
+    statistics in train mode; the temporal dropouts off so that both draw nothing)."""
+    model = tiny(temporal_dropout=0.0, temporal_fc_dropout=0.0).train(training)
+    upstream = UpstreamDGSCT(model)
+    frames, audio = inputs(torch.float64)
+    batch = {"segment_labels": torch.tensor([[28, 28, 5, 5, 5, 5, 28, 28, 28, 28], [3] * 10])}
+    params = model.trainable_parameters()
+    out = model(frames, audio)
+    loss, metrics = model.loss(out, batch)
+    grads = torch.autograd.grad(loss, params)
+    ref = upstream(frames, audio)
+    ref_loss, ref_metrics = upstream.loss(ref, batch)
+    ref_grads = torch.autograd.grad(ref_loss, params)
+    for key in ("logits", "is_event", "event_logits", "av_score", "av_gate", "visual_features", "audio_features"):
+        assert (out[key] - ref[key]).abs().max() <= 1e-10, key
+    assert abs(loss.item() - ref_loss.item()) <= 1e-12 and set(metrics) == set(ref_metrics)
+    for key in ("loss_is_event", "loss_av_gate", "loss_event", "loss_av_score"):
+        assert abs(metrics[key] - ref_metrics[key]) <= 1e-12, key
+    for p, g, r in zip(params, grads, ref_grads):
+        assert (g - r).abs().max() <= 1e-10 * max(1.0, g.abs().max().item())
 
 
 def test_upstream_loss_terms():

@@ -67,21 +67,41 @@ def step_losses(out):
         return {r["step"]: r["loss"] for r in map(json.loads, f) if r["event"] == "step"}
 
 
-def test_resume_reproduces_the_next_step_loss(clips, tmp_path):
-    straight = Trainer(config(clips, tmp_path / "a", max_steps=4))
+def test_resume_after_a_crash_reproduces_the_next_steps(clips, tmp_path):
+    """A run that dies after step 5 resumes from its step-4 checkpoint (mid-epoch) and then
+    computes steps 5 and 6 bit-identically to an uninterrupted run."""
+    straight = Trainer(config(clips, tmp_path / "a", epochs=2))
     straight.fit()
-    first = Trainer(config(clips, tmp_path / "b", max_steps=2))
-    first.fit()
+    crashing = Trainer(config(clips, tmp_path / "b", epochs=2, checkpoint_every=2))
+    step = crashing.train_step
+
+    def crash_before_step_6(batch):
+        if crashing.step == 5:
+            raise RuntimeError("simulated crash")
+        return step(batch)
+
+    crashing.train_step = crash_before_step_6
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashing.fit()
     ckpt = load_checkpoint(tmp_path / "b" / "last.pt")
-    assert ckpt["step"] == 2 and ckpt["batch_in_epoch"] == 2 and ckpt["epoch"] == 0
-    resumed = Trainer(config(clips, tmp_path / "b", max_steps=4, resume=True))
-    assert resumed.step == 2
+    assert (ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]) == (4, 1, 1)
+    resumed = Trainer(config(clips, tmp_path / "b", epochs=2, checkpoint_every=2, resume=True))
+    assert resumed.step == 4
     resumed.fit()
-    assert resumed.step == 3
     a, b = step_losses(tmp_path / "a"), step_losses(tmp_path / "b")
-    assert a[3] == b[3] and a[4] == b[4]  # bit-identical on the CPU
+    assert a[5] == b[5] and a[6] == b[6]  # bit-identical on the CPU
     for (name, p), q in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+
+
+def test_max_steps_stops_mid_epoch_evaluates_and_saves(clips, tmp_path):
+    trainer = Trainer(config(clips, tmp_path, epochs=3, max_steps=2))
+    result = trainer.fit()
+    assert "val_accuracy" in result and trainer.step == 2
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert (ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]) == (2, 0, 2)
+    assert (tmp_path / "best.pt").is_file()
+    assert trainer.scheduler.get_last_lr()[0] == 0.0  # the schedule spans the steps that run
 
 
 def test_fit_logs_evaluates_and_keeps_best(clips, tmp_path):
@@ -188,4 +208,5 @@ def test_cuda_training_with_bf16_autocast_and_the_auto_loader(tmp_path):
     resumed = Trainer(dataclasses.replace(cfg, max_steps=3, resume=True))
     assert resumed.step == 2
     resumed.fit()
+    assert resumed.step == 3
     assert resumed.step == 3

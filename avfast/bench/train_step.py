@@ -71,6 +71,7 @@ QUICK_CASES = (
     StepCase("mavt", "tiny", 2),
     StepCase("deepavfusion", "tiny", 2, (("fusion_arch", "dense"),)),
     StepCase("stgcma", "tiny", 1),
+    StepCase("dgsct", "tiny", 1),
 )
 
 

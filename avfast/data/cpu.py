@@ -14,11 +14,13 @@ import torch
 from avfast.data import media
 from avfast.data.manifest import Manifest
 from avfast.data.presets import Preset, get_preset
-from avfast.data.sampling import (BackgroundPartners, SamplePlan, epoch_indices, manifest_infos,
-                                   plan_sample)
+from avfast.data.sampling import (BackgroundPartners, SamplePlan, check_sample_rates, epoch_indices,
+                                   manifest_infos, plan_sample)
 from avfast.data.transforms import (audio_features, bad_audio_rows, crop_resize_frames,
                                     gather_windows, label_fields, log_skipped, min_audio_samples,
                                     normalize_frames)
+
+MAX_REPLACEMENTS = 16  # readable clips tried in place of an unreadable one when training
 
 
 class ClipDataset(torch.utils.data.Dataset):
@@ -26,9 +28,12 @@ class ClipDataset(torch.utils.data.Dataset):
 
     Item i is a dict: ``frames`` float32 (T, 3, S, S) normalised (uint8 (T, S, S, 3) with
     ``features=False``), ``audio`` the preset's features (raw windows (K, samples) with
-    ``features=False``), label fields, ``index``, ``audio_index``, ``background``; or
-    ``{"skipped": reason}`` for a clip that cannot be read (``bad_audio='pad'`` keeps
-    silent/short audio, zero-padded). Call ``set_epoch`` to draw new random crops/times.
+    ``features=False``), label fields, ``index``, ``audio_index``, ``background``, and
+    ``skipped``: the reasons of the clips that could not be read for it. A clip that cannot
+    be read (``bad_audio='pad'`` keeps silent/short audio, zero-padded) is replaced when
+    training by the next readable clip (i + 1, i + 2, ...; batches keep their size, which
+    DDP ranks need), and left out when evaluating (no clip counts twice); an item with no
+    ``frames`` holds only ``skipped``. Call ``set_epoch`` to draw new random crops/times.
     """
 
     def __init__(self, manifest: Manifest, preset: str | Preset, *, train: bool, seed: int = 0,
@@ -42,6 +47,7 @@ class ClipDataset(torch.utils.data.Dataset):
         self.preset = get_preset(preset)
         self.train, self.seed, self.epoch = train, seed, 0
         self.background_p, self.bad_audio, self.features = background_p, bad_audio, features
+        check_sample_rates(manifest, self.preset.audio.sample_rate)
         self.infos = manifest_infos(manifest, self.preset.audio.sample_rate)
         self.partners = BackgroundPartners([c.labels for c in manifest.clips]) if background_p > 0 else None
         self._labels = label_fields(manifest)
@@ -75,25 +81,41 @@ class ClipDataset(torch.utils.data.Dataset):
         windows = gather_windows(wave.unsqueeze(0), length, starts, spec.window_samples, spec.pad)
         return frames, windows[0]
 
-    def __getitem__(self, index: int) -> dict:
+    def load(self, index: int) -> tuple[SamplePlan, torch.Tensor, torch.Tensor]:
+        """Plan and decode clip ``index``; MediaError (with the reason) when it cannot be used."""
+        clip = self.manifest[index]
         try:
             plan = self.plan(index)
-            frames, windows = self.decode(plan)
-        except media.MediaError as err:
-            return {"skipped": err.reason}
+            return (plan, *self.decode(plan))
+        except OSError as err:
+            raise media.MediaError(clip.path, "unreadable", str(err)) from err
+        except ValueError as err:  # e.g. frames of another size than the manifest says
+            raise media.MediaError(clip.path, "inconsistent with the manifest", str(err)) from err
+
+    def __getitem__(self, index: int) -> dict:
+        skipped = []
+        for attempt in range(min(len(self), MAX_REPLACEMENTS + 1) if self.train else 1):
+            try:
+                plan, frames, windows = self.load((index + attempt) % len(self))
+                break
+            except media.MediaError as err:
+                skipped.append(err.reason)
+        else:
+            return {"skipped": skipped}
+        index = plan.index
         if self.features:
             frames = normalize_frames(frames, self.preset.video.mean, self.preset.video.std)
             windows = audio_features(windows.unsqueeze(0), self.preset)[0]
         return {"frames": frames, "audio": windows, "index": torch.tensor(index),
                 "audio_index": torch.tensor(plan.audio_index),
-                "background": torch.tensor(plan.background), **self._labels(index)}
+                "background": torch.tensor(plan.background), **self._labels(index), "skipped": skipped}
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack the readable samples; ``skipped`` maps reason -> count for the others."""
-    skipped = collections.Counter(s["skipped"] for s in samples if "skipped" in s)
-    good = [s for s in samples if "skipped" not in s]
-    batch = {k: torch.stack([s[k] for s in good]) for k in (good[0] if good else {})}
+    """Stack the samples that have data; ``skipped`` maps reason -> count of unreadable clips."""
+    skipped = collections.Counter(r for s in samples for r in s["skipped"])
+    good = [s for s in samples if "frames" in s]
+    batch = {k: torch.stack([s[k] for s in good]) for k in (good[0] if good else {}) if k != "skipped"}
     batch["skipped"] = dict(skipped)
     return batch
 

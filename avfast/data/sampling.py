@@ -186,6 +186,15 @@ class InfoLookup:
         return info
 
 
+def check_sample_rates(manifest, sample_rate: int) -> None:
+    """Raise when prepared audio has a lower rate than the preset reads (upsampling would
+    give features with an empty top band, silently)."""
+    low = sorted({c.sample_rate for c in manifest.clips if c.sample_rate and c.sample_rate < sample_rate})
+    if low:
+        raise ValueError(f"manifest: the preset reads audio at {sample_rate} Hz, got clips prepared at "
+                         f"{low} Hz; prepare them again with `avfast prepare --sample-rate {sample_rate}`")
+
+
 def manifest_infos(manifest, sample_rate: int) -> InfoLookup:
     """ClipInfo of every clip of ``manifest``: its metadata when complete (a prepared
     manifest), else probed from the files (raises ``media.MediaError`` for unreadable ones)."""
@@ -209,11 +218,15 @@ def manifest_infos(manifest, sample_rate: int) -> InfoLookup:
 
 def epoch_indices(count: int, *, train: bool, seed: int, epoch: int, shard_id: int,
                   num_shards: int) -> np.ndarray:
-    """This shard's indices for ``epoch``: a seeded permutation when training; padded by
-    wrapping around so every shard gets ceil(count / num_shards) (like DistributedSampler)."""
+    """This shard's indices for ``epoch``. Training: a seeded permutation, padded by
+    wrapping around so every shard gets ceil(count / num_shards) (like DistributedSampler:
+    ranks must step together). Evaluation: every clip once, in order, shards of unequal
+    length (no clip is scored twice)."""
     if not 0 <= shard_id < num_shards:
         raise ValueError(f"shard_id: expected 0 <= shard_id < num_shards={num_shards}, got {shard_id}")
-    order = np.random.default_rng([seed, epoch]).permutation(count) if train else np.arange(count)
+    if not train:
+        return np.arange(count)[shard_id::num_shards]
+    order = np.random.default_rng([seed, epoch]).permutation(count)
     per_shard = -(-count // num_shards)
     order = np.resize(order, per_shard * num_shards)
     return order[shard_id::num_shards]

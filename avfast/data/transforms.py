@@ -59,9 +59,10 @@ def normalize_frames(frames: torch.Tensor, mean: Sequence[float], std: Sequence[
 
 
 def gather_windows(wave: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor, length: int,
-                   pad: str = "zero") -> torch.Tensor:
-    """Audio windows: wave (B, N) float with valid ``lengths`` (B,), ``starts`` (B, K) samples
-    -> (B, K, length). Positions past a clip's end continue by ``pad``: zeros, the clip
+                   pad: str = "zero", offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """Audio windows: wave (B, N) float holding each clip's ``lengths`` (B,) samples from
+    ``offsets`` (B,) on (default 0), window ``starts`` (B, K) relative to the clip ->
+    (B, K, length). Positions past a clip's end continue by ``pad``: zeros, the clip
     repeated (``tile``), or the clip and its mirror alternating (``mirror``)."""
     if wave.dim() != 2:
         raise ValueError(f"wave: expected (B, N), got {tuple(wave.shape)}")
@@ -75,6 +76,8 @@ def gather_windows(wave: torch.Tensor, lengths: torch.Tensor, starts: torch.Tens
     elif pad == "mirror":
         phase = pos % (2 * n)
         pos = torch.where(phase < n, phase, 2 * n - 1 - phase)
+    if offsets is not None:
+        pos = pos + offsets.to(wave.device, torch.long).view(-1, 1, 1)
     pos = pos.clamp(0, wave.shape[1] - 1)
     out = torch.gather(wave.unsqueeze(1).expand(-1, pos.shape[1], -1), 2, pos)
     if pad == "zero":

@@ -787,13 +787,19 @@ class DGSCT(AVModel):
         terms = {
             "loss_is_event": F.binary_cross_entropy_with_logits(out["is_event"], fg),
             "loss_av_gate": (F.binary_cross_entropy_with_logits(out["av_gate"], fg) if self.config.upstream_quirks
-                             else F.binary_cross_entropy(out["av_gate"], fg)),
+                             else _probability_bce(out["av_gate"], fg)),
             "loss_event": F.cross_entropy(out["event_logits"], event),
             "loss_av_score": F.cross_entropy(out["av_score"], event),
         }
         loss = sum(terms.values())
         metrics = {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()}, "acc": acc}
         return loss, metrics
+
+
+def _probability_bce(p: Tensor, target: Tensor) -> Tensor:
+    """BCE on probabilities in float32 outside autocast (CUDA autocast refuses it in bf16)."""
+    with torch.autocast(p.device.type, enabled=False):
+        return F.binary_cross_entropy(p.float(), target.float())
 
 
 _SIZES: dict[str, Callable[..., DGSCTConfig]] = {"tiny": DGSCTConfig.tiny, "base": DGSCTConfig.base}

@@ -20,10 +20,11 @@ FORMAT = "avfast-checkpoint-1"
 
 
 def rng_state() -> dict[str, Any]:
-    """The state of Python's, NumPy's, torch's and (if present) CUDA's generators."""
+    """The state of Python's, NumPy's, torch's and (if present) the current CUDA device's
+    generators."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -32,11 +33,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def save_checkpoint(path: str | os.PathLike, **payload: Any) -> Path:
-    """Write ``payload`` (plus the generators' states) atomically to ``path``."""
+    """Write ``payload`` atomically to ``path`` (with this process's generator states under
+    ``rng`` unless the payload brings its own)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from avfast.data.manifest import Manifest, read_manifest
 from avfast.data.presets import Preset, get_preset
 from avfast.models import build_model
-from avfast.train.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from avfast.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 
 @dataclasses.dataclass
@@ -56,10 +56,12 @@ class TrainConfig:
     log_every: int = 10
     progress: bool = True
     device: str | None = None
+    num_classes: int | None = None
     model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 DEFAULT_BACKGROUND_P = {"mavt": 0.2}  # MA-AVT's bg_prob
+PER_SECOND = ("stgcma", "dgsct")  # per-second heads whose last class is "background"
 
 
 def load_manifest(path: str) -> Manifest:
@@ -92,10 +94,29 @@ def model_preset(model) -> Preset:
     return dataclasses.replace(preset, video=dataclasses.replace(preset.video, size=size))
 
 
-def num_classes_of(manifest: Manifest) -> int:
-    """Classes the head predicts: the manifest's, plus background for per-second labels."""
-    segments = manifest.clips and all(c.segment_labels is not None for c in manifest.clips)
-    return len(manifest.classes) + (1 if segments else 0)
+def num_classes_of(manifest: Manifest, method: str) -> int:
+    """Classes the head predicts: the manifest's, plus background for per-second labels and
+    for the per-second methods (whose heads reserve the last class for background)."""
+    segments = bool(manifest.clips) and all(c.segment_labels is not None for c in manifest.clips)
+    return len(manifest.classes) + (1 if segments or method in PER_SECOND else 0)
+
+
+class TrainStep(torch.nn.Module):
+    """Forward and loss in one module, so that DDP and torch.compile see the whole step
+    (parameters used only in the loss, e.g. MA-AVT's projections, included).
+    forward(frames, audio, batch) -> (loss, metrics, outputs)."""
+
+    def __init__(self, model, pretrain: bool):
+        super().__init__()
+        self.model, self.pretrain = model, pretrain
+
+    def forward(self, frames, audio, batch):
+        if self.pretrain:
+            loss, metrics = self.model.pretrain_loss(frames, audio)
+            return loss, metrics, {}
+        out = self.model(frames, audio)
+        loss, metrics = self.model.loss(out, batch)
+        return loss, metrics, out
 
 
 def make_loader(cfg: TrainConfig, manifest: Manifest, preset: Preset, *, train: bool, device: torch.device,
@@ -153,10 +174,13 @@ class Trainer:
         self.cfg = cfg
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if cfg.device:
             self.device = torch.device(cfg.device)
+            if self.device.type == "cuda" and self.device.index is None:
+                self.device = torch.device("cuda", local_rank)
         elif torch.cuda.is_available():
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            self.device = torch.device("cuda", local_rank)
         else:
             self.device = torch.device("cpu")
         if self.world > 1 and not dist.is_initialized():
@@ -170,7 +194,7 @@ class Trainer:
             self.train_set, self.val_set = manifest, load_manifest(cfg.val_data)
         else:
             self.train_set, self.val_set = split_manifest(manifest, cfg.val_fraction, cfg.seed)
-        self.num_classes = num_classes_of(manifest)
+        self.num_classes = cfg.num_classes or num_classes_of(manifest, cfg.method)
         overrides = dict(cfg.model_overrides)
         if cfg.pretrain:
             from avfast.models.deepavfusion import build_mae
@@ -193,17 +217,20 @@ class Trainer:
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
         steps_per_epoch = len(self.train_loader)
-        total = cfg.epochs * steps_per_epoch  # max_steps only stops early: the schedule is the run's
+        total = cfg.epochs * steps_per_epoch
+        if cfg.max_steps:
+            total = min(total, cfg.max_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(round(cfg.warmup_epochs * steps_per_epoch), total))
-        self.forward_model = self.model
-        if self.world > 1:
-            self.forward_model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+        self.step_module = TrainStep(self.model, cfg.pretrain)
+        self.train_module = self.step_module
+        if self.world > 1:  # parameters with no gradient (e.g. a bias that cancels in softmax) exist
+            self.train_module = torch.nn.parallel.DistributedDataParallel(
+                self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=True)
         if cfg.compile:
-            self.forward_model = torch.compile(self.forward_model)
-        self.epoch, self.batch_in_epoch, self.step, self.best = 0, 0, 0, -1.0
+            self.train_module = torch.compile(self.train_module)
+        self.epoch, self.batch_in_epoch, self.step, self.best = 0, 0, 0, -math.inf
         if cfg.resume and (self.out / "last.pt").is_file():
             self.restore(load_checkpoint(self.out / "last.pt"))
 
@@ -222,11 +249,22 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.epoch, self.batch_in_epoch = ckpt["epoch"], ckpt["batch_in_epoch"]
         self.step, self.best = ckpt["step"], ckpt["best"]
-        set_rng_state(ckpt["rng"])
+        states = ckpt["rng"]
+        if isinstance(states, list):  # one per rank
+            if len(states) != self.world:
+                raise ValueError(f"resume: expected a checkpoint of {self.world} processes, got {len(states)}")
+            states = states[self.rank]
+        set_rng_state(states)
 
     def save(self, name: str = "last.pt") -> None:
+        """Every rank calls this (it gathers each rank's generator states); rank 0 writes."""
+        states = rng_state()
+        if self.world > 1:
+            gathered: list[Any] = [None] * self.world
+            dist.all_gather_object(gathered, states)
+            states = gathered
         if self.rank == 0:
-            save_checkpoint(self.out / name, **self.state())
+            save_checkpoint(self.out / name, rng=states, **self.state())
 
     def log(self, record: dict[str, Any]) -> None:
         if self.rank == 0:
@@ -240,14 +278,9 @@ class Trainer:
         enabled = self.cfg.amp and self.device.type == "cuda"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
-    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float], dict]:
+    def compute_loss(self, batch: dict, module=None) -> tuple[torch.Tensor, dict[str, float], dict]:
         with self.autocast():
-            if self.cfg.pretrain:
-                loss, metrics = self.model.pretrain_loss(batch["frames"], batch["audio"])
-                return loss, metrics, {}
-            out = self.forward_model(batch["frames"], batch["audio"])
-            loss, metrics = self.model.loss(out, batch)
-        return loss, metrics, out
+            return (module or self.train_module)(batch["frames"], batch["audio"], batch)
 
     def train_step(self, batch: dict) -> dict[str, float]:
         self.model.train()
@@ -263,12 +296,15 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, loader=None) -> dict[str, float]:
-        """Mean loss and accuracy (per second for per-second methods) over ``loader``."""
+        """Mean loss and accuracy (per second for per-second methods) over ``loader``: each
+        rank scores its own (unpadded) shard without collectives, then the totals are summed.
+        The generators' states are restored afterwards, so evaluating never changes training."""
         loader = loader or self.val_loader
         self.model.eval()
+        saved = rng_state()
         totals = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss sum, clips, correct, count
         for batch in loader:
-            loss, _, out = self.compute_loss(batch)
+            loss, _, out = self.compute_loss(batch, self.step_module)
             n = batch["index"].numel()
             totals[0] += float(loss) * n
             totals[1] += n
@@ -276,6 +312,7 @@ class Trainer:
                 correct, count = accuracy_counts(self.model.predict(out).float(), batch)
                 totals[2] += correct
                 totals[3] += count
+        set_rng_state(saved)
         if self.world > 1:
             dist.all_reduce(totals)
         result = {"val_loss": float(totals[0] / totals[1].clamp_min(1))}
@@ -284,7 +321,8 @@ class Trainer:
         return result
 
     def fit(self) -> dict[str, float]:
-        """Train until ``epochs`` (or ``max_steps``); returns the last evaluation."""
+        """Train until ``epochs`` (or ``max_steps``); evaluate and checkpoint after each
+        epoch and at the stop; returns the last evaluation."""
         from tqdm.auto import tqdm
 
         cfg, result = self.cfg, {}
@@ -311,17 +349,17 @@ class Trainer:
                 if self._done():
                     break
             bar.close()
-            if self._done() and self.batch_in_epoch < len(loader):
-                self.save()
-                break
-            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-            result = self.evaluate() if self.val_loader is not None else {}
-            self.log({"event": "epoch", "epoch": self.epoch - 1, "step": self.step,
-                      "skipped": loader.skipped, **result})
-            if self.rank == 0 and result:
-                print(f"epoch {self.epoch - 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+            finished = self.batch_in_epoch >= len(loader)
+            event = {"event": "epoch" if finished else "stop", "epoch": self.epoch, "step": self.step,
+                     "skipped": loader.skipped}
+            if finished:
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
             self.save()
-            score = result.get("val_accuracy", -result.get("val_loss", 0.0))
+            result = self.evaluate() if self.val_loader is not None else {}
+            self.log({**event, **result})
+            if self.rank == 0 and result:
+                print(f"{event['event']} {event['epoch']}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+            score = result.get("val_accuracy", -result.get("val_loss", math.inf))
             if result and score > self.best:
                 self.best = score
                 self.save("best.pt")
@@ -331,16 +369,22 @@ class Trainer:
         return self.cfg.max_steps is not None and self.step >= self.cfg.max_steps
 
 
-def evaluate_checkpoint(path: str, data: str, *, batch_size: int = 8, workers: int = 4,
-                        device: str | None = None) -> dict[str, float]:
-    """Accuracy of a checkpoint written by ``avfast train`` on ``data`` (all of it)."""
+def checkpoint_evaluator(path: str, data: str, *, batch_size: int = 8, workers: int = 4,
+                         device: str | None = None) -> Trainer:
+    """A Trainer holding the model of a checkpoint written by ``avfast train``, evaluating on
+    ``data`` (all of it): call ``.evaluate()``."""
     ckpt = load_checkpoint(path)
     cfg = TrainConfig(**{**ckpt["config"], "data": data, "val_data": data, "batch_size": batch_size,
                          "workers": workers, "device": device, "resume": False, "pretrained": None,
-                         "out": str(Path(path).parent)})
+                         "num_classes": ckpt["num_classes"], "out": str(Path(path).parent)})
     trainer = Trainer(cfg)
     if trainer.train_set.classes != ckpt["classes"]:
         raise ValueError(f"data: expected the checkpoint's classes {ckpt['classes'][:5]}..., "
                          f"got {trainer.train_set.classes[:5]}... from {data!r}")
     trainer.model.load_state_dict(ckpt["model"])
-    return trainer.evaluate()
+    return trainer
+
+
+def evaluate_checkpoint(path: str, data: str, **kwargs) -> dict[str, float]:
+    """Accuracy of a checkpoint on ``data`` (see ``checkpoint_evaluator``)."""
+    return checkpoint_evaluator(path, data, **kwargs).evaluate()

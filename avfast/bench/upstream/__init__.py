@@ -10,6 +10,7 @@ baseline of ``avfast.bench.train_step`` and the oracle of the models' float64 te
     mavt          UpstreamMAVT(MAVT)
     stgcma        UpstreamSTGCMA(STGCMA), UpstreamSTGCMANet (upstream-named, own parameters)
     deepavfusion  UpstreamDeepAVFusion(DeepAVFusion), UpstreamDeepAVFusionMAE(DeepAVFusionMAE)
+    dgsct         UpstreamDGSCT(DGSCT)
 """
 
 import importlib
@@ -20,6 +21,7 @@ _CLASSES = {
     "UpstreamSTGCMANet": "stgcma",
     "UpstreamDeepAVFusion": "deepavfusion",
     "UpstreamDeepAVFusionMAE": "deepavfusion",
+    "UpstreamDGSCT": "dgsct",
 }
 
 
