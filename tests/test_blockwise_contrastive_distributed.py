@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from avfast import _backend
-from avfast.nn.contrastive import BlockwiseContrastiveLoss, gathered_blockwise_infonce
+from avfast.nn.contrastive import BlockwiseContrastiveLoss, gathered_blockwise_infonce, local_negatives
 from avfast.reference.blockwise_infonce import blockwise_infonce as ref_infonce
 
 WORLD = 2
@@ -117,6 +117,8 @@ def _worker(rank: int, world: int, port: int, out: Path) -> None:
             results["unequal"] = None
         except ValueError as err:
             results["unequal"] = str(err)
+        with local_negatives():  # evaluation: each rank's batch on its own, any size
+            results["local"] = {"loss": gathered_blockwise_infonce(z, z, None, 0.07), "single": z}
     finally:
         dist.destroy_process_group()
     torch.save(results, out / f"rank{rank}.pt")
@@ -210,6 +212,12 @@ def test_unequal_local_batches_raise_on_every_rank(ranks):
         assert msg is not None, "no ValueError for unequal local batch sizes"
         assert "gathered_blockwise_infonce" in msg and "z_a" in msg
         assert f"({K}, {B_LOCAL}, {D})" in msg and f"({K}, {B_LOCAL - 1}, {D})" in msg
+
+
+def test_local_negatives_score_each_rank_alone(ranks):
+    for res in ranks:
+        z = res["local"]["single"]
+        torch.testing.assert_close(res["local"]["loss"], ref_infonce(z, z, tau=0.07))
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:

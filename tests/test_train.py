@@ -157,35 +157,42 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         load_checkpoint(tmp_path / "up.pt")
 
 
-def _ddp_worker(rank, world, port, clips, out, queue):
+def _ddp_worker(rank, world, port, clips, out, method, queue):
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    loop.build_model = lambda method, size, num_classes, pretrained, **kw: Probe(num_classes)
+    if method == "probe":
+        loop.build_model = lambda method, size, num_classes, pretrained, **kw: Probe(num_classes)
     torch.set_num_threads(1)
-    trainer = Trainer(config(clips, out, max_steps=2, device="cpu", batch_size=2))
+    trainer = Trainer(config(clips, out, method=method, size="tiny", max_steps=2, device="cpu", batch_size=2))
     trainer.fit()
     flat = torch.cat([p.detach().flatten() for p in trainer.model.trainable_parameters()])
     queue.put((rank, flat.numpy(), trainer.train_loader.shard_id, trainer.train_loader.num_shards))
     torch.distributed.destroy_process_group()
 
 
-def test_ddp_two_gloo_processes_stay_in_sync(clips, tmp_path):
+@pytest.mark.parametrize("method", ["probe", "mavt"])
+def test_ddp_two_gloo_processes_stay_in_sync(clips, tmp_path, method):
+    """Two ranks on different shards end with identical weights (DDP averaged the
+    gradients); MA-AVT's loss uses parameters outside its forward and gathers negatives
+    from both ranks."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, clips, str(tmp_path), queue)) for r in range(2)]
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, clips, str(tmp_path), method, queue))
+             for r in range(2)]
     for p in procs:
         p.start()
-    results = sorted(queue.get(timeout=240) for _ in procs)
+    results = sorted(queue.get(timeout=300) for _ in procs)
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
     (r0, w0, s0, n0), (r1, w1, s1, n1) = results
     assert (s0, s1, n0, n1) == (0, 1, 2, 2)
-    np.testing.assert_array_equal(w0, w1)  # DDP averaged the gradients
+    np.testing.assert_array_equal(w0, w1)
     assert (tmp_path / "last.pt").is_file()
+    assert len(load_checkpoint(tmp_path / "last.pt")["rng"]) == 2  # each rank's generators
 
 
 @pytest.mark.cuda

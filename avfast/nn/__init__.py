@@ -1,7 +1,7 @@
 """Drop-in nn.Modules built on avfast.ops."""
 
 from avfast.nn.adapters import Adapter, AVAdapter, STGCMABlockAdapters, TemporalAdapter, frozen_attention
-from avfast.nn.contrastive import BlockwiseContrastiveLoss, gathered_blockwise_infonce
+from avfast.nn.contrastive import BlockwiseContrastiveLoss, gathered_blockwise_infonce, local_negatives
 from avfast.nn.fusion import DenseAVFusionBlock, FactorizedAVFusionBlock
 
 __all__ = [
@@ -14,4 +14,5 @@ __all__ = [
     "TemporalAdapter",
     "frozen_attention",
     "gathered_blockwise_infonce",
+    "local_negatives",
 ]

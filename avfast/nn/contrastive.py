@@ -24,7 +24,8 @@ Dims: K blocks, B (local) batch, d feature width; dim_in / dim_out of the projec
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -37,9 +38,24 @@ from avfast.ops.blockwise_infonce import check_blockwise_inputs, check_reduction
 Reduction = Literal["mean", "sum", "none"]
 
 
+_LOCAL_DEPTH = [0]
+
+
+@contextmanager
+def local_negatives() -> Iterator[None]:
+    """Inside this block the losses of this module score each rank's batch on its own (no
+    gather): for evaluation, where ranks hold shards of unequal size."""
+    _LOCAL_DEPTH[0] += 1
+    try:
+        yield
+    finally:
+        _LOCAL_DEPTH[0] -= 1
+
+
 def _world(group) -> int:
-    """World size of ``group``; 1 without an initialized process group."""
-    if not (dist.is_available() and dist.is_initialized()):
+    """World size of ``group``; 1 without an initialized process group or inside
+    ``local_negatives``."""
+    if _LOCAL_DEPTH[0] or not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size(group)
 

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from avfast.data.manifest import Manifest, read_manifest
 from avfast.data.presets import Preset, get_preset
 from avfast.models import build_model
+from avfast.nn.contrastive import local_negatives
 from avfast.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 
@@ -304,7 +305,8 @@ class Trainer:
         saved = rng_state()
         totals = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss sum, clips, correct, count
         for batch in loader:
-            loss, _, out = self.compute_loss(batch, self.step_module)
+            with local_negatives():
+                loss, _, out = self.compute_loss(batch, self.step_module)
             n = batch["index"].numel()
             totals[0] += float(loss) * n
             totals[1] += n
