@@ -43,15 +43,15 @@ backbone blocks.
     out = up(frames, audio)            # same keys as model(frames, audio)
     loss, metrics = up.loss(out, batch)
 
-Not upstream either: the gradient reaching each BatchNorm2d is made contiguous (one copy per
-call in backward), as PyTorch's CPU kernel gets the gradients of upstream's layout wrong
-(``_ContiguousGrad``). Not restated: torchlibrosa's conv1d STFT (the model's ``torch.stft`` front-end computes the
+Not restated: torchlibrosa's conv1d STFT (the model's ``torch.stft`` front-end computes the
 same DFT), CMBS's AV/VA interaction branches (computed and discarded upstream; the model holds
 no parameters for them), mixup (never applied upstream). Not upstream: ``squeeze(-1)`` where
 upstream's ``squeeze()`` fails at B = 1; the per-second ``logits`` are assembled as the model
 does (their argmax is upstream's decision, ``upstream_decision``); acc is a fraction, not a
 percentage; the frozen backbones are in the mode the model keeps them in (upstream's train mode
-with ``backbone_train_mode=True``).
+with ``backbone_train_mode=True``); the gradient reaching each BatchNorm2d is made contiguous
+(one copy per call in backward), as PyTorch's CPU kernel gets the gradients of upstream's
+layout wrong (``_ContiguousGrad``).
 
 The pieces are functions of the model too (``upstream_adapter``, ``upstream_features``,
 ``upstream_temporal_and_head``, ``upstream_decision``), so that the tests can run them with
