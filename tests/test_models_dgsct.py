@@ -371,7 +371,7 @@ def test_bad_inputs_and_arguments():
         model.loss(out, {})
     with pytest.raises(ValueError, match="size: expected one of"):
         build("huge")
-    with pytest.raises(ValueError, match="overrides: expected DGSCTConfig fields"):
+    with pytest.raises(ValueError, match="overrides: expected fields of DGSCTConfig"):
         build("tiny", window=3)
     with pytest.raises(ValueError, match=r"visual_depths\[2\] must be a multiple of audio_depths\[2\]"):
         DGSCTConfig.tiny(audio_depths=(1, 1, 2, 1))

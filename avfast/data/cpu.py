@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 from typing import Iterator, Literal
 
+import numpy as np
 import torch
 
 from avfast.data import media

@@ -11,8 +11,10 @@ A method model takes the loaders' batch tensors and returns a dict of outputs:
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -86,6 +88,28 @@ def check_frames(owner: str, frames, num_frames: int, img_size: int) -> None:
     if frames.dim() != 5 or tuple(frames.shape[1:]) != want or frames.shape[0] == 0:
         raise ValueError(f"{owner}: frames must be (B, T, 3, S, S) = (B, {', '.join(map(str, want))}), "
                          f"got {tuple(frames.shape)}")
+
+
+def sized_config(config_cls: type, sizes: Mapping[str, Callable[[], Any]], size: str,
+                 overrides: Mapping[str, Any], num_classes: int | None = None):
+    """``sizes[size]()`` with ``overrides`` (and ``num_classes``) replacing its fields; a
+    size or field that does not exist raises naming the choices."""
+    if size not in sizes:
+        raise ValueError(f"size: expected one of {sorted(sizes)}, got {size!r}")
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"overrides: expected fields of {config_cls.__name__} ({sorted(fields)}), got {unknown}")
+    if num_classes is not None:
+        overrides = {**overrides, "num_classes": num_classes}
+    return dataclasses.replace(sizes[size](), **overrides)
+
+
+def with_pretrained(model: AVModel, pretrained: str | os.PathLike | None) -> AVModel:
+    """``model`` with a local upstream checkpoint loaded strictly (unchanged for None)."""
+    if pretrained is not None:
+        model.load_upstream_state_dict(read_checkpoint(pretrained))
+    return model
 
 
 def freeze(module: nn.Module) -> nn.Module:

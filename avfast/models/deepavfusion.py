@@ -33,7 +33,7 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from avfast.models.base import AVModel, read_checkpoint, strip_prefixes
+from avfast.models.base import AVModel, read_checkpoint, sized_config, strip_prefixes, with_pretrained
 from avfast.nn import DenseAVFusionBlock, FactorizedAVFusionBlock
 
 FUSION_ARCHS = ("factorized", "dense")
@@ -485,35 +485,22 @@ class DeepAVFusionMAE(AVModel):
         return {k: k for k in keys if k in ours}
 
 
-def _make_config(cls, size: str, overrides: dict):
-    sizes = {"tiny": cls.tiny, "base": cls.base}
-    if size not in sizes:
-        raise ValueError(f"size: expected one of {sorted(sizes)}, got {size!r}")
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(f"overrides: expected fields of {cls.__name__} ({sorted(fields)}), got {unknown}")
-    return dataclasses.replace(sizes[size](), **overrides)
+def _sizes(cls) -> dict:
+    return {"tiny": cls.tiny, "base": cls.base}
 
 
 def build(size: str = "base", num_classes: int | None = None, pretrained: str | None = None,
           **overrides) -> DeepAVFusion:
     """Fine-tuning model at ``size`` ("tiny" | "base"); ``pretrained``: local upstream
     checkpoint (AV-MAE pre-training or fine-tuned classifier), loaded strictly."""
-    if num_classes is not None:
-        overrides["num_classes"] = num_classes
-    model = DeepAVFusion(_make_config(DeepAVFusionConfig, size, overrides))
-    if pretrained:
-        model.load_upstream_state_dict(read_checkpoint(pretrained))
-    return model
+    config = sized_config(DeepAVFusionConfig, _sizes(DeepAVFusionConfig), size, overrides, num_classes)
+    return with_pretrained(DeepAVFusion(config), pretrained)
 
 
 def build_mae(size: str = "base", pretrained: str | None = None, **overrides) -> DeepAVFusionMAE:
     """AV-MAE pre-training model at ``size``; ``pretrained``: upstream AV-MAE checkpoint to resume."""
-    model = DeepAVFusionMAE(_make_config(DeepAVFusionMAEConfig, size, overrides))
-    if pretrained:
-        model.load_upstream_state_dict(read_checkpoint(pretrained))
-    return model
+    config = sized_config(DeepAVFusionMAEConfig, _sizes(DeepAVFusionMAEConfig), size, overrides)
+    return with_pretrained(DeepAVFusionMAE(config), pretrained)
 
 
 __all__ = [

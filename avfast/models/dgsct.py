@@ -31,7 +31,6 @@ Adapters work on (N, tokens, C) rows (upstream: (N, C, tokens, 1) with 1x1 convo
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import re
@@ -43,7 +42,7 @@ import torch.nn.functional as F
 from timm.models.swin_transformer_v2 import SwinTransformerV2, checkpoint_filter_fn
 from torch import Tensor, nn
 
-from avfast.models.base import AVModel, check_frames, freeze, read_checkpoint, strip_prefixes
+from avfast.models.base import AVModel, check_frames, freeze, read_checkpoint, sized_config, strip_prefixes, with_pretrained
 from avfast.models.htsat import HTSAT
 
 LOSS_TYPES = ("upstream", "segment_ce")
@@ -808,18 +807,7 @@ _SIZES: dict[str, Callable[..., DGSCTConfig]] = {"tiny": DGSCTConfig.tiny, "base
 def build(size: str = "base", num_classes: int | None = None, pretrained: str | None = None, **overrides) -> DGSCT:
     """DG-SCT at ``size`` ("tiny", "base" = Swin-V2-L + HTS-AT) with config ``overrides``;
     ``pretrained``: a local upstream DG-SCT checkpoint (whole model, backbones included), loaded strictly."""
-    if size not in _SIZES:
-        raise ValueError(f"size: expected one of {sorted(_SIZES)}, got {size!r}")
-    fields = {f.name for f in dataclasses.fields(DGSCTConfig)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(f"overrides: expected DGSCTConfig fields {sorted(fields)}, got {unknown}")
-    if num_classes is not None:
-        overrides["num_classes"] = num_classes
-    model = DGSCT(_SIZES[size](**overrides))
-    if pretrained is not None:
-        model.load_upstream_state_dict(read_checkpoint(pretrained))
-    return model
+    return with_pretrained(DGSCT(sized_config(DGSCTConfig, _SIZES, size, overrides, num_classes)), pretrained)
 
 
 __all__ = ["CMBSHead", "DGSCT", "DGSCTBlockAdapters", "DGSCTConfig", "DualGuidedAdapter", "TemporalGuidance", "build"]

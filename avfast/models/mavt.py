@@ -26,7 +26,6 @@ Dims: B batch, S frame side, N patches, D width, K blocks, C classes.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import Tensor, nn
 
-from avfast.models.base import AVModel, freeze, read_checkpoint, strip_prefixes
+from avfast.models.base import AVModel, freeze, read_checkpoint, sized_config, strip_prefixes, with_pretrained
 from avfast.nn import BlockwiseContrastiveLoss
 
 # Upstream checkpoint entries with no counterpart here: the per-block ``logit_scale``
@@ -346,15 +345,4 @@ _SIZES = {"tiny": MAVTConfig.tiny, "base": MAVTConfig.base}
 def build(size: str = "base", num_classes: int | None = None, pretrained: str | None = None, **overrides) -> MAVT:
     """MA-AVT at ``size`` ("tiny" | "base"); ``overrides`` replace MAVTConfig fields;
     ``pretrained``: a local upstream checkpoint, loaded strictly."""
-    if size not in _SIZES:
-        raise ValueError(f"size: expected one of {sorted(_SIZES)}, got {size!r}")
-    config = _SIZES[size]()
-    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(config)})
-    if unknown:
-        raise ValueError(f"overrides: expected MAVTConfig fields, got unknown {unknown}")
-    if num_classes is not None:
-        overrides["num_classes"] = num_classes
-    model = MAVT(dataclasses.replace(config, **overrides))
-    if pretrained is not None:
-        model.load_upstream_state_dict(read_checkpoint(pretrained))
-    return model
+    return with_pretrained(MAVT(sized_config(MAVTConfig, _SIZES, size, overrides, num_classes)), pretrained)

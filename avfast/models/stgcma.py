@@ -15,7 +15,6 @@ the math is the same, see ``avfast.nn.STGCMABlockAdapters``).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from avfast.models.base import AVModel, check_frames, freeze, read_checkpoint, strip_prefixes
+from avfast.models.base import AVModel, check_frames, freeze, read_checkpoint, sized_config, strip_prefixes, with_pretrained
 from avfast.nn import STGCMABlockAdapters
 
 # Upstream (CLIP visual tower) name -> ours, outside the blocks.
@@ -454,18 +453,7 @@ def build(size: str = "base", num_classes: int | None = None, pretrained: str | 
           **overrides) -> STGCMA:
     """STG-CMA at ``size`` ("tiny", "base" = CLIP ViT-B/16, "large" = CLIP ViT-L/14) with
     config ``overrides``; ``pretrained``: a local upstream STG-CMA checkpoint, loaded strictly."""
-    if size not in _SIZES:
-        raise ValueError(f"size: expected one of {sorted(_SIZES)}, got {size!r}")
-    fields = {f.name for f in dataclasses.fields(STGCMAConfig)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(f"overrides: expected STGCMAConfig fields {sorted(fields)}, got {unknown}")
-    if num_classes is not None:
-        overrides["num_classes"] = num_classes
-    model = STGCMA(_SIZES[size](**overrides))
-    if pretrained is not None:
-        model.load_upstream_state_dict(read_checkpoint(pretrained))
-    return model
+    return with_pretrained(STGCMA(sized_config(STGCMAConfig, _SIZES, size, overrides, num_classes)), pretrained)
 
 
 __all__ = ["STGCMA", "STGCMAConfig", "audio_pos_embed", "build"]

@@ -10,6 +10,7 @@ resume: the data order, crops and random generators continue where they stopped.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -129,11 +130,7 @@ def make_loader(cfg: TrainConfig, manifest: Manifest, preset: Preset, *, train: 
     kind = cfg.loader
     if kind == "auto":
         prepared = all(c.audio_path for c in manifest.clips)
-        try:
-            import nvidia.dali  # noqa: F401
-            has_dali = True
-        except ImportError:
-            has_dali = False
+        has_dali = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
         kind = "dali" if device.type == "cuda" and has_dali and prepared else "cpu"
     if kind == "dali":
         from avfast.data.dali import DALILoader
