@@ -11,6 +11,7 @@ A method model takes the loaders' batch tensors and returns a dict of outputs:
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -22,14 +23,15 @@ from torch import Tensor, nn
 UPSTREAM_WRAPPER_PREFIXES = ("module.", "model.", "sed_model.", "encoder.")
 
 
-class AVModel(nn.Module):
-    """Base class: subclasses set ``preset`` and implement forward, loss, predict and
-    ``upstream_key_map`` (upstream name -> our name, for the keys that differ)."""
+class AVModel(nn.Module, abc.ABC):
+    """Base class: subclasses set ``preset`` and implement forward and loss (predict and
+    ``upstream_key_map`` have defaults: the ``logits`` output; upstream names equal ours)."""
 
     preset: str = ""
 
+    @abc.abstractmethod
     def loss(self, out: dict[str, Tensor], batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        raise NotImplementedError
+        """The method's training loss of ``out`` on ``batch`` and its metrics (floats)."""
 
     def predict(self, out: dict[str, Tensor]) -> Tensor:
         return out["logits"]
@@ -39,8 +41,10 @@ class AVModel(nn.Module):
 
     def upstream_key_map(self, keys: Iterable[str]) -> dict[str, str]:
         """Upstream checkpoint key -> our state_dict key, for every key of ``keys`` that we
-        keep (keys of upstream-only parts, e.g. unused parameters, are left out)."""
-        raise NotImplementedError
+        keep (keys of upstream-only parts, e.g. unused parameters, are left out). By default
+        upstream's names are ours: every key we have maps to itself."""
+        ours = set(self.state_dict())
+        return {k: k for k in keys if k in ours}
 
     def load_upstream_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True):
         """Load an upstream checkpoint's state dict (wrapper prefixes such as ``module.``
