@@ -10,8 +10,8 @@
    rebuilt around it keeps upstream's keys and outputs.
 
 The "upstream models" here are stand-ins with upstream's parameter names and its literal
-computation (``avfast.reference.fusion_blocks`` for the fusion blocks, a restated CLIP
-block below for STG-CMA); with upstream's code installed, pass its instances instead.
+computation (``avfast.reference.fusion_blocks`` for the fusion blocks, the restated CLIP
+block from ``avfast.bench.upstream.stgcma`` for STG-CMA); with upstream's code installed, pass its instances instead.
 Runs on CPU in a few seconds (float64, so "equal" means to ~1e-15):
 
     python examples/swap_into_upstream_model.py
@@ -21,9 +21,9 @@ Runs on CPU in a few seconds (float64, so "equal" means to ~1e-15):
 import argparse
 
 import torch
-import torch.nn.functional as nnf
 from torch import nn
 
+from avfast.bench.upstream.stgcma import ADAPTERS, UpstreamBlock  # upstream's STG-CMA block, literally
 from avfast.nn import DenseAVFusionBlock, FactorizedAVFusionBlock, STGCMABlockAdapters, frozen_attention
 from avfast.reference.fusion_blocks import UpstreamDenseFusionBlock, UpstreamFactorizedFusionBlock
 
@@ -108,68 +108,6 @@ for arch in ("dense", "factorized"):
 
 # ---------------------------------------------------------------------- 2. STG-CMA adapters
 
-class QuickGELU(nn.Module):
-    def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
-
-
-class UpstreamAdapter(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.act, self.D_fc1, self.D_fc2 = nn.GELU(), nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.D_fc2(self.act(self.D_fc1(x)))
-
-
-class UpstreamSTGCMABlock(nn.Module):
-    """Upstream's CLIP residual block in STG-CMA's fusion mode, restated literally: tokens
-    (L, B*T, D) sequence-first, frozen ``attn``/``ln_1``/``mlp``/``ln_2``, six adapters and two
-    gates, the per-frame two-way attention as bmm + softmax (no scaling)."""
-
-    def __init__(self, dim: int, heads: int, hidden: int, num_frames: int):
-        super().__init__()
-        self.T = num_frames
-        self.attn = nn.MultiheadAttention(dim, heads)
-        self.ln_1, self.ln_2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.mlp = nn.Sequential()
-        self.mlp.add_module("c_fc", nn.Linear(dim, 4 * dim))
-        self.mlp.add_module("gelu", QuickGELU())
-        self.mlp.add_module("c_proj", nn.Linear(4 * dim, dim))
-        for name in ("T_Adapter", "T_Adapter_Audio", "S_Adapter", "S_Adapter_Audio", "MLP_Adapter",
-                     "MLP_Adapter_Audio"):
-            self.add_module(name, UpstreamAdapter(dim, hidden))
-        self.gate_v = nn.Parameter(torch.zeros(1))
-        self.gate_a = nn.Parameter(torch.zeros(1))
-
-    def attention(self, x):
-        return self.attn(x, x, x, need_weights=False)[0]
-
-    def temporal(self, x, adapter):  # 'n (b t) d -> t (b n) d', attention over the T frames, back
-        n, bt, d = x.shape
-        b = bt // self.T
-        xt = x.reshape(n, b, self.T, d).permute(2, 1, 0, 3).reshape(self.T, b * n, d)
-        xt = adapter(self.attention(self.ln_1(xt)))
-        return xt.reshape(self.T, b, n, d).permute(2, 1, 0, 3).reshape(n, bt, d)
-
-    def fuse(self, h_v, h_a):
-        v, a = h_v.transpose(0, 1), h_a.transpose(0, 1)  # per frame: (BT, L, r)
-        a2v = torch.bmm(nnf.softmax(torch.bmm(v, a.transpose(1, 2)), dim=-1), a).transpose(0, 1)
-        v2a = torch.bmm(nnf.softmax(torch.bmm(a, v.transpose(1, 2)), dim=-1), v).transpose(0, 1)
-        return h_v + self.gate_v * a2v, h_a + self.gate_a * v2a
-
-    def forward(self, v, a):
-        v, a = v + self.temporal(v, self.T_Adapter), a + self.temporal(a, self.T_Adapter_Audio)
-        s_v, s_a = self.attention(self.ln_1(v)), self.attention(self.ln_1(a))
-        h_v, h_a = self.fuse(self.S_Adapter.act(self.S_Adapter.D_fc1(s_v)),
-                             self.S_Adapter_Audio.act(self.S_Adapter_Audio.D_fc1(s_a)))
-        v, a = v + s_v + self.S_Adapter.D_fc2(h_v), a + s_a + self.S_Adapter_Audio.D_fc2(h_a)
-        m_v, m_a = self.mlp(self.ln_2(v)), self.mlp(self.ln_2(a))
-        h_v, h_a = self.fuse(self.MLP_Adapter.act(self.MLP_Adapter.D_fc1(m_v)),
-                             self.MLP_Adapter_Audio.act(self.MLP_Adapter_Audio.D_fc1(m_a)))
-        return v + m_v + self.MLP_Adapter.D_fc2(h_v), a + m_a + self.MLP_Adapter_Audio.D_fc2(h_a)
-
-
 class Transformer(nn.Module):
     def __init__(self, blocks):
         super().__init__()
@@ -185,7 +123,7 @@ class AVFastSTGCMABlock(STGCMABlockAdapters):
     """Upstream's block with its adapters on avfast's fused op. The frozen modules are the
     upstream block's own, under their own names, so the block's keys stay upstream's."""
 
-    def __init__(self, upstream: UpstreamSTGCMABlock):
+    def __init__(self, upstream: UpstreamBlock):
         dim, hidden = upstream.ln_1.normalized_shape[0], upstream.S_Adapter.D_fc1.out_features
         super().__init__(dim, mlp_ratio=hidden / dim, batch_first=False)  # upstream's (L, N, D) layout
         self.attn, self.ln_1, self.mlp, self.ln_2 = upstream.attn, upstream.ln_1, upstream.mlp, upstream.ln_2
@@ -200,7 +138,7 @@ class AVFastSTGCMABlock(STGCMABlockAdapters):
 
 T, Lv, La, R = 4, 17, 13, max(1, D // 16)  # frames per clip, visual / audio tokens, bottleneck width
 model = nn.Module()
-model.transformer = Transformer(UpstreamSTGCMABlock(D, H, R, T) for _ in range(DEPTH))
+model.transformer = Transformer(UpstreamBlock(D, H, R, T) for _ in range(DEPTH))
 model = randomize(model).double().eval()
 v = torch.randn(Lv, B * T, D, dtype=torch.float64)  # upstream's (L, B*T, D), frame n = b*T + t
 a = torch.randn(La, B * T, D, dtype=torch.float64)
@@ -208,8 +146,7 @@ upstream_state = {k: t.clone() for k, t in model.state_dict().items()}
 
 # (a) an upstream-named adapter state dict -> a ModuleList of STGCMABlockAdapters, strictly
 prefix = "transformer.resblocks."
-adapter_keys = ("T_Adapter", "T_Adapter_Audio", "S_Adapter", "S_Adapter_Audio", "MLP_Adapter",
-                "MLP_Adapter_Audio", "gate_v", "gate_a")
+adapter_keys = (*ADAPTERS, "gate_v", "gate_a")
 adapter_state = {k[len(prefix):]: t for k, t in upstream_state.items()
                  if k.startswith(prefix) and k[len(prefix):].split(".")[1] in adapter_keys}
 adapters = nn.ModuleList(STGCMABlockAdapters(D, mlp_ratio=R / D, batch_first=False) for _ in range(DEPTH))
