@@ -12,17 +12,13 @@ from torch import nn
 from avfast import _backend
 from avfast.nn.adapters import AVAdapter, Adapter, STGCMABlockAdapters, TemporalAdapter, frozen_attention
 from avfast.reference.av_adapter_attention import av_adapter_attention_literal
+from seeding import fresh_seed
 
 ADAPTERS = ("T_Adapter", "T_Adapter_Audio", "S_Adapter", "S_Adapter_Audio", "MLP_Adapter", "MLP_Adapter_Audio")
 FROZEN = ("attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias",
           "ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias",
           "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
 
-
-def fresh_seed() -> int:
-    seed = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(seed)
-    return seed
 
 
 # ------------------------------------------------------------------ upstream, restated

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ import torch
 from avfast import _backend
 from avfast.ops import av_adapter_attention
 from avfast.reference import av_adapter_attention as ref
+from seeding import fresh_seed
 
 OP = "av_adapter_attention"
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
@@ -17,11 +17,6 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (N, La, Lv, r): ViT-B/16, ViT-L/14, Swin windows with r = D/2 and D/16, L=1, r=8, r=80
 SHAPES = [(2, 49, 197, 48), (1, 64, 257, 64), (2, 49, 49, 384), (3, 49, 49, 8), (3, 1, 1, 8), (2, 7, 13, 80)]
 
-
-def fresh_seed() -> int:
-    seed = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(seed)
-    return seed
 
 
 @pytest.fixture(params=["reference", "triton", "cuda"])

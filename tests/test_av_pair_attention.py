@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import avfast
 from avfast import _backend
 from avfast.ops import av_pair_attention, pair_attention_map
 from avfast.reference import av_pair_attention as ref
+from seeding import fresh_seed
 
 OP = "av_pair_attention"
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
@@ -25,11 +25,6 @@ SHAPES = [
     (1, 70, 2, 16, 8, 3, 66),
 ]
 
-
-def fresh_seed() -> int:
-    seed = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(seed)
-    return seed
 
 
 def backend_reason(backend: str, device: str, dtype: torch.dtype) -> str | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -10,16 +9,12 @@ import torch
 from avfast import _backend
 from avfast.ops import blockwise_infonce, cosine_lse
 from avfast.reference import blockwise_infonce as ref
+from seeding import fresh_seed
 
 OP = "cosine_lse"
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
-
-def fresh_seed() -> int:
-    seed = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(seed)
-    return seed
 
 
 @pytest.fixture(params=["reference", "triton"])

@@ -9,7 +9,6 @@ built exactly like the references', so only summation order differs)."""
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest
@@ -17,16 +16,12 @@ import torch
 import torchaudio
 
 from avfast.data import audio as A
+from seeding import fresh_seed
 
 FLOOR32 = 1e-5  # log-domain absolute floor for float32 results
 FLOOR64 = 1e-9  # log-domain absolute floor for float64 results
 LAYOUTS = [(1, "contiguous"), (3, "strided"), (3, "transposed")]
 
-
-def fresh_seed() -> int:
-    seed = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(seed)
-    return seed
 
 
 def odd_length(base: int, spread: int = 800) -> int:
@@ -424,38 +419,101 @@ def test_crop_window():
 # ------------------------------------------------------------------ the DALI alternative
 
 
+def _htk_bank_float64(n_freqs: int, f_max: float, n_mels: int, sample_rate: int) -> torch.Tensor:
+    """The HTK triangles of log_mel (f_min = 0) built in float64: the truth its float32 bank
+    and DALI's deviate from. (n_mels, n_freqs)."""
+    freqs = torch.linspace(0, sample_rate // 2, n_freqs, dtype=torch.float64)
+    mel_hi = 2595.0 * math.log10(1.0 + f_max / 700.0)
+    edges = 700.0 * (10.0 ** (torch.linspace(0.0, mel_hi, n_mels + 2, dtype=torch.float64) / 2595.0) - 1.0)
+    widths = edges[1:] - edges[:-1]
+    offsets = edges[None, :] - freqs[:, None]
+    return torch.min(-offsets[:, :-2] / widths[:-1], offsets[:, 2:] / widths[1:]).clamp_min(0.0).T
+
+
+def _htk_weight_error_bound(n_mels: int, f_max: float) -> torch.Tensor:
+    """Per filter, a bound on |W32 - W64| for a triangle bank built in float32: the mel grid
+    holds eps32 * mel_hi absolute error, which maps to (700 + f) ln(10) / 2595 times as much
+    in Hz at the filter's right edge f, and a weight divides it by the narrower side of its
+    triangle; x2 for the further roundings of that first-order term. (n_mels, 1)."""
+    eps = torch.finfo(torch.float32).eps
+    mel_hi = 2595.0 * math.log10(1.0 + f_max / 700.0)
+    edges = 700.0 * (10.0 ** (torch.linspace(0.0, mel_hi, n_mels + 2, dtype=torch.float64) / 2595.0) - 1.0)
+    widths = edges[1:] - edges[:-1]
+    hz_error = eps * mel_hi * (700.0 + edges[2:]) * math.log(10.0) / 2595.0
+    return (2 * hz_error / torch.minimum(widths[:-1], widths[1:]))[:, None]
+
+
+def test_htk_weight_error_bound_holds_for_both_float32_banks():
+    """The bound used below covers log_mel's float32 bank and DALI's (fed an identity
+    spectrogram, DALI's mel_filter_bank returns its weights)."""
+    dali = pytest.importorskip("nvidia.dali", reason="nvidia.dali not importable")
+    from nvidia.dali import fn
+
+    @dali.pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def bank_pipeline():
+        return fn.mel_filter_bank(fn.external_source(name="spec"), sample_rate=16000, nfilter=128, freq_low=0.0,
+                                  freq_high=8000.0, mel_formula="htk", normalize=False)
+
+    pipe = bank_pipeline()
+    pipe.build()
+    pipe.feed_input("spec", [np.eye(401, dtype=np.float32)])
+    (out,) = pipe.run()
+    truth = _htk_bank_float64(401, 8000.0, 128, 16000)
+    bound = _htk_weight_error_bound(128, 8000.0)
+    ours = A._htk_mel_fbanks(401, 0.0, 8000.0, 128, 16000, "cpu", torch.float64)
+    theirs = torch.from_numpy(np.array(out[0])).double()
+    for name, bank in (("log_mel", ours), ("DALI", theirs)):
+        worst = ((bank - truth).abs() / bound).max().item()
+        assert worst <= 1.0, f"{name}'s float32 mel weights deviate {worst:.3g} x the stated bound"
+
+
 def test_dali_cpu_mel_spectrogram_agrees_with_log_mel():
-    """DALI spectrogram + mel_filter_bank (htk, unnormalised) on the DeepAVFusion parameters is
-    within relative 1e-3 of log_mel's mel power (bins below float32 FFT rounding excepted).
-    DALI's default window is a half-sample-shifted Hann, so the periodic Hann is passed."""
+    """DALI spectrogram + mel_filter_bank (htk, unnormalised) on the DeepAVFusion parameters
+    equals log_mel's mel power within what float32 allows both: per frame t and filter m,
+    twice (one FFT each) Higham's normwise float32 FFT bound |dX| <= 5 log2(n) eps |X| carried
+    to the filter (|dP_f| <= 2 |X_f||dX_f|, Cauchy-Schwarz over the weights), plus the two
+    banks' float32 weight errors (bounded above) on the filter's support, plus the filter
+    sums' rounding. DALI's default window is a half-sample-shifted Hann, so the periodic
+    Hann is passed."""
     dali = pytest.importorskip("nvidia.dali", reason="nvidia.dali not importable")
     from nvidia.dali import fn
 
     seed = fresh_seed()
-    wave = make_waves(3, odd_length(16000), "contiguous").float()
+    n_fft, n_mels = 800, 128
+    wave = make_waves(3, odd_length(16000), "contiguous")
 
     @dali.pipeline_def(batch_size=3, num_threads=1, device_id=None)
     def mel_pipeline():
         spec = fn.spectrogram(
-            fn.external_source(name="audio"), nfft=800, window_length=800, window_step=250, center_windows=True,
-            reflect_padding=True, power=2, window_fn=torch.hann_window(800).tolist(),
+            fn.external_source(name="audio"), nfft=n_fft, window_length=n_fft, window_step=250, center_windows=True,
+            reflect_padding=True, power=2, window_fn=torch.hann_window(n_fft).tolist(),
         )
-        return fn.mel_filter_bank(spec, sample_rate=16000, nfilter=128, freq_low=0.0, freq_high=8000.0,
+        return fn.mel_filter_bank(spec, sample_rate=16000, nfilter=n_mels, freq_low=0.0, freq_high=8000.0,
                                   mel_formula="htk", normalize=False)
 
     pipe = mel_pipeline()
     pipe.build()
-    pipe.feed_input("audio", [row.numpy() for row in wave])
+    pipe.feed_input("audio", [row.float().numpy() for row in wave])
     (out,) = pipe.run()
-    ours = A.log_mel(wave, sample_rate=16000, n_fft=800, hop_length=250, n_mels=128)
+    ours = A.log_mel(wave.float(), sample_rate=16000, n_fft=n_fft, hop_length=250, n_mels=n_mels)
+
+    eps = torch.finfo(torch.float32).eps
+    window = torch.hann_window(n_fft, dtype=torch.float64)
+    power = torch.stft(wave, n_fft, 250, window=window, center=True, pad_mode="reflect",
+                       return_complex=True).abs() ** 2  # (B, n_fft // 2 + 1, T), float64
+    truth = _htk_bank_float64(n_fft // 2 + 1, 8000.0, n_mels, 16000)
+    two_sided_energy = 2 * power.sum(1, keepdim=True)  # >= |X|^2 over all n_fft bins
+    fft = 2 * (2 * 5 * math.log2(n_fft) * eps) * torch.sqrt((truth**2) @ power) * two_sided_energy.sqrt()
+    weights = 2 * _htk_weight_error_bound(n_mels, 8000.0) * ((truth > 0).double() @ power)
+    sums = 2 * (n_fft // 2 + 1) * eps * (truth @ power)
+    bound = fft + weights + sums
     for b in range(3):
         theirs = torch.from_numpy(np.array(out[b])).double()
         mine = 10.0 ** ours[b].double() - 1e-7
         assert theirs.shape == mine.shape
-        # relative 1e-3 per bin, above the float32 FFT rounding floor (eps32 x the row's peak power)
-        bound = 1e-3 * theirs + torch.finfo(torch.float32).eps * 16 * theirs.max()
-        excess = ((theirs - mine).abs() - bound).max().item()
-        assert excess <= 0, f"row {b}: mel power beyond relative 1e-3 by {excess:.3g}, seed={seed}"
+        # log10 then 10** in float32 costs mine a relative ln(10) x |log10(mel)| eps <= 16 eps (mel >= 1e-7)
+        excess = ((theirs - mine).abs() / (bound[b] + 16 * eps * mine.abs() + 1e-12)).max().item()
+        assert excess <= 1.0, f"row {b}: DALI vs log_mel mel power at {excess:.3g} x its float32 bound, seed={seed}"
 
 
 # ------------------------------------------------------------------ CUDA

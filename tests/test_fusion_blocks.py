@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 from avfast.nn import DenseAVFusionBlock, FactorizedAVFusionBlock
 from avfast.reference.fusion_blocks import UpstreamDenseFusionBlock, UpstreamFactorizedFusionBlock
+from seeding import fresh_seed
 
 D, H = 96, 6
 DENSE_KEYS = {
@@ -23,11 +23,6 @@ FACTORIZED_ATTN_KEYS = {
                                     "attn_a.proj", "q", "k", "v", "proj") for p in ("weight", "bias")
 }
 
-
-def fresh_seed() -> int:
-    seed = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(seed)
-    return seed
 
 
 def randomize(module: torch.nn.Module) -> torch.nn.Module:
