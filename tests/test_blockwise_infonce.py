@@ -101,18 +101,10 @@ def test_loss_and_grads_match_literal(backend, device, dtype, shape, valid_kind,
         assert torch.all(loss == 0) and all(torch.all(g == 0) for g in grads)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("row_offset", [0, 6, -4])
-@pytest.mark.parametrize("col_lse", [True, False])
-def test_cosine_lse_rows_against_other_columns(backend, device, dtype, row_offset, col_lse):
-    """Br != Bc with a row offset: one rank's rows against the gathered batch."""
-    skip_unless_available(backend, device, dtype)
-    seed = fresh_seed()
-    z_row = features(2, 21, 40, dtype, device, strided=True)
-    z_col = features(2, 45, 40, dtype, device, strided=False)
-    valid_row, valid_col = make_valid(21, "some", device), make_valid(45, "some", device)
-    kw = dict(tau=0.05, valid_row=valid_row, valid_col=valid_col, row_offset=row_offset, col_lse=col_lse)
+def check_cosine_lse(z_row, z_col, kw, dtype, seed, extra=0.0):
+    """cosine_lse and its gradients (random upstream gradients on all three outputs) within
+    tolerance() of the float64 reference, plus ``extra`` x the output's magnitude."""
+    device = z_row.device
 
     def run(fn, zr, zc):
         zr, zc = zr.detach().requires_grad_(), zc.detach().requires_grad_()
@@ -127,11 +119,80 @@ def test_cosine_lse_rows_against_other_columns(backend, device, dtype, row_offse
     exact, exact_grads = run(ref.cosine_lse, z_row.double(), z_col.double())
     plain, plain_grads = run(ref.cosine_lse, z_row, z_col)
     got, grads = run(cosine_lse, z_row, z_col)
-    for name, a, p, e in zip(["lse_row", "lse_col", "diag"], got, plain, exact):
-        assert max_err(a, e) <= tolerance(p, e, dtype, kw["tau"]), \
-            f"seed {seed}: {name} err {max_err(a, e)}"
-    for name, a, p, e in zip(["z_row", "z_col"], grads, plain_grads, exact_grads):
-        assert max_err(a, e) <= tolerance(p, e, dtype, kw["tau"]), f"seed {seed}: grad {name} err {max_err(a, e)}"
+    names = ["lse_row", "lse_col", "diag", "grad z_row", "grad z_col"]
+    for name, a, p, e in zip(names, [*got, *grads], [*plain, *plain_grads], [*exact, *exact_grads]):
+        magnitude = max(1.0, e.abs().max().item() if e.numel() else 0.0)
+        tol = tolerance(p, e, dtype, kw["tau"]) + extra * magnitude
+        assert max_err(a, e) <= tol, f"seed {seed}: {name} err {max_err(a, e):.3g} > {tol:.3g}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("row_offset", [0, 6, -4])
+@pytest.mark.parametrize("col_lse", [True, False])
+def test_cosine_lse_rows_against_other_columns(backend, device, dtype, row_offset, col_lse):
+    """Br != Bc with a row offset: one rank's rows against the gathered batch."""
+    skip_unless_available(backend, device, dtype)
+    seed = fresh_seed()
+    z_row = features(2, 21, 40, dtype, device, strided=True)
+    z_col = features(2, 45, 40, dtype, device, strided=False)
+    valid_row, valid_col = make_valid(21, "some", device), make_valid(45, "some", device)
+    kw = dict(tau=0.05, valid_row=valid_row, valid_col=valid_col, row_offset=row_offset, col_lse=col_lse)
+    check_cosine_lse(z_row, z_col, kw, dtype, seed)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("col_lse", [True, False])
+def test_triton_backward_in_several_row_panels(device, col_lse, monkeypatch):
+    """A dS budget of one element forces row panels of 64 rows (150 rows: 64 + 64 + 22), with
+    the columns' gradient accumulated over panels, masks and a row offset."""
+    from avfast.kernels.triton import blockwise_infonce as kernels
+
+    skip_unless_available("triton", device, torch.bfloat16)
+    monkeypatch.setenv("AVFAST_BACKEND", "triton")
+    monkeypatch.setattr(kernels, "PANEL_ELEMENTS", 1)
+    assert kernels._panel_rows(2, 150, 131, 40, 64) == 64
+    seed = fresh_seed()
+    z_row = features(2, 150, 40, torch.bfloat16, device, strided=True)
+    z_col = features(2, 131, 40, torch.bfloat16, device, strided=False)
+    kw = dict(tau=0.07, valid_row=make_valid(150, "some", device), valid_col=make_valid(131, "some", device),
+              row_offset=-3, col_lse=col_lse)
+    check_cosine_lse(z_row, z_col, kw, torch.bfloat16, seed)
+
+
+def test_dot_precision_follows_torch_tf32_setting(monkeypatch):
+    """fp32 inputs: TF32 exactly when torch allows it (allow_tf32, fp32_precision or
+    float32_matmul_precision), IEEE otherwise; 16-bit inputs use the native dot."""
+    from avfast.kernels.triton.common import dot_precision
+
+    x32, x16 = torch.zeros(1), torch.zeros(1, dtype=torch.float16)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    for setting, want in (("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")):
+        previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(setting)
+        try:
+            assert dot_precision(x32) == want, setting
+        finally:
+            torch.set_float32_matmul_precision(previous)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert dot_precision(x32) == "tf32"
+    assert dot_precision(x16) == "native"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tf32", [False, True])
+def test_triton_fp32_with_and_without_tf32(device, tf32, monkeypatch):
+    """fp32 under TF32 is within TF32's operand rounding (2^-11 relative per operand, so
+    2^-10 on each cosine, scaled by 1/tau into S and the gradients) of the reference;
+    without it, within IEEE fp32's tolerance."""
+    skip_unless_available("triton", device, torch.float32)
+    monkeypatch.setenv("AVFAST_BACKEND", "triton")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    seed = fresh_seed()
+    z_row = features(3, 70, 200, torch.float32, device, strided=True)
+    z_col = features(3, 70, 200, torch.float32, device, strided=False)
+    kw = dict(tau=0.07, valid_row=None, valid_col=None, row_offset=0, col_lse=True)
+    check_cosine_lse(z_row, z_col, kw, torch.float32, seed, extra=4 * 2.0**-10 / kw["tau"] if tf32 else 0.0)
 
 
 def test_reference_backward_is_the_gradient_of_the_reference_forward():

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from avfast.kernels.triton import has_triton
-from avfast.kernels.triton.common import on_device, pow2, use_fp32_dot
+from avfast.kernels.triton.common import on_device, pow2, dot_precision
 
 BLOCK_Y = 64  # streamed tokens per step
 
@@ -46,7 +46,7 @@ if has_triton():
         gx_ptr, stride_gx, gy_ptr, stride_gy,
         out_x_ptr, out_y_ptr, o_x_ptr, o_y_ptr, lse_x_ptr, lse_y_ptr,
         Lx, Ly, R, scale,
-        FP32_DOT: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_R: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
         # program n: frame n, both directions
         n = tl.program_id(0).to(tl.int64)
@@ -62,13 +62,13 @@ if has_triton():
             offs_y = y0 + tl.arange(0, BLOCK_Y)
             y_ok = offs_y < Ly
             y = _load_tokens(y_ptr, stride_y_n, stride_y_l, stride_y_r, n, offs_y, Ly, R, BLOCK_R)  # (BLOCK_Y, BLOCK_R)
-            s = dot(y, tl.trans(x), FP32_DOT) * scale
+            s = dot(y, tl.trans(x), DOT_PRECISION) * scale
             s = tl.where(y_ok[:, None] & x_ok[None, :], s, float("-inf"))  # (BLOCK_Y, BLOCK_X)
             # y rows: softmax over all of x, in this tile
             m_y = tl.where(y_ok, tl.max(s, 1), 0.0)
             p_y = tl.exp(s - m_y[:, None])
             l_y = tl.where(y_ok, tl.sum(p_y, 1), 1.0)
-            o_y = dot(p_y.to(x.dtype), x, FP32_DOT) / l_y[:, None]  # (BLOCK_Y, BLOCK_R)
+            o_y = dot(p_y.to(x.dtype), x, DOT_PRECISION) / l_y[:, None]  # (BLOCK_Y, BLOCK_R)
             _store_rows(o_y_ptr, n, offs_y, Ly, R, o_y, BLOCK_R)
             _store_rows(out_y_ptr, n, offs_y, Ly, R, y.to(tl.float32) + g_y * o_y, BLOCK_R)
             tl.store(lse_y_ptr + n * Ly + offs_y, m_y + tl.log(l_y), mask=y_ok)
@@ -78,7 +78,7 @@ if has_triton():
             p_x = tl.exp(s - m_ref[None, :])  # (BLOCK_Y, BLOCK_X)
             alpha = tl.exp(m_x - m_ref)
             l_x = l_x * alpha + tl.sum(p_x, 0)
-            acc_x = acc_x * alpha[:, None] + dot(tl.trans(p_x.to(y.dtype)), y, FP32_DOT)
+            acc_x = acc_x * alpha[:, None] + dot(tl.trans(p_x.to(y.dtype)), y, DOT_PRECISION)
             m_x = m_new
         l_safe = tl.where(x_ok, l_x, 1.0)
         o_x = acc_x / l_safe[:, None]
@@ -100,7 +100,7 @@ if has_triton():
         o_x_ptr, o_y_ptr, lse_x_ptr, lse_y_ptr,
         dx_ptr, dy_ptr,
         Lx, Ly, R, scale,
-        FP32_DOT: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_R: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
         # program n: frame n; dx accumulates over the y tiles, dy is written per tile
         n = tl.program_id(0).to(tl.int64)
@@ -128,16 +128,16 @@ if has_triton():
             gy = g_y * dout_y.to(tl.float32)  # (BLOCK_Y, BLOCK_R)
             delta_y = tl.sum(gy * o_y, 1)
             pair_ok = y_ok[:, None] & x_ok[None, :]
-            s = dot(y, tl.trans(x), FP32_DOT) * scale  # (BLOCK_Y, BLOCK_X)
+            s = dot(y, tl.trans(x), DOT_PRECISION) * scale  # (BLOCK_Y, BLOCK_X)
             p_y = tl.where(pair_ok, tl.exp(s - lse_y[:, None]), 0.0)
             p_xt = tl.where(pair_ok, tl.exp(s - lse_x[None, :]), 0.0)
-            ds_y = p_y * (dot(gy.to(x.dtype), tl.trans(x), FP32_DOT) - delta_y[:, None])
-            ds_xt = p_xt * (dot(y, tl.trans(gx.to(y.dtype)), FP32_DOT) - delta_x[None, :])
+            ds_y = p_y * (dot(gy.to(x.dtype), tl.trans(x), DOT_PRECISION) - delta_y[:, None])
+            ds_xt = p_xt * (dot(y, tl.trans(gx.to(y.dtype)), DOT_PRECISION) - delta_x[None, :])
             ds = (ds_y + ds_xt) * scale
-            dy = dout_y.to(tl.float32) + dot(p_xt.to(x.dtype), gx.to(x.dtype), FP32_DOT) + dot(ds.to(x.dtype), x, FP32_DOT)
+            dy = dout_y.to(tl.float32) + dot(p_xt.to(x.dtype), gx.to(x.dtype), DOT_PRECISION) + dot(ds.to(x.dtype), x, DOT_PRECISION)
             _store_rows(dy_ptr, n, offs_y, Ly, R, dy, BLOCK_R)
-            dx += dot(tl.trans(p_y.to(y.dtype)), gy.to(y.dtype), FP32_DOT)
-            dx += dot(tl.trans(ds.to(y.dtype)), y, FP32_DOT)
+            dx += dot(tl.trans(p_y.to(y.dtype)), gy.to(y.dtype), DOT_PRECISION)
+            dx += dot(tl.trans(ds.to(y.dtype)), y, DOT_PRECISION)
         _store_rows(dx_ptr, n, offs_x, Lx, R, dout_x.to(tl.float32) + dx, BLOCK_R)
 
 
@@ -178,7 +178,7 @@ def av_adapter_attention_fwd(
         _av_adapter_fwd_kernel[(N,)](
             x, *x.stride(), y, *y.stride(), gx, gx.stride(0), gy, gy.stride(0), *outs,
             x.shape[1], y.shape[1], R, scale,
-            FP32_DOT=use_fp32_dot(h_a), BLOCK_X=block_x, BLOCK_Y=block_y, BLOCK_R=block_r, num_stages=num_stages,
+            DOT_PRECISION=dot_precision(h_a), BLOCK_X=block_x, BLOCK_Y=block_y, BLOCK_R=block_r, num_stages=num_stages,
         )
     return out_a, out_v, o_a, o_v, lse_a, lse_v
 
@@ -203,7 +203,7 @@ def av_adapter_attention_bwd(
             dout_x, *dout_x.stride(), dout_y, *dout_y.stride(), x, *x.stride(), y, *y.stride(),
             gx, gx.stride(0), gy, gy.stride(0), o_x, o_y, lse_x, lse_y, dx, dy,
             x.shape[1], y.shape[1], R, scale,
-            FP32_DOT=use_fp32_dot(h_a), BLOCK_X=block_x, BLOCK_Y=block_y, BLOCK_R=block_r, num_stages=num_stages,
+            DOT_PRECISION=dot_precision(h_a), BLOCK_X=block_x, BLOCK_Y=block_y, BLOCK_R=block_r, num_stages=num_stages,
         )
     dgate_a = (dout_a.float() * o_a).sum(dim=(1, 2))
     dgate_v = (dout_v.float() * o_v).sum(dim=(1, 2))

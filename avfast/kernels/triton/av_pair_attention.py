@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from avfast.kernels.triton import has_triton
-from avfast.kernels.triton.common import on_device, pow2, use_fp32_dot
+from avfast.kernels.triton.common import on_device, pow2, dot_precision
 
 if has_triton():
     import triton
@@ -76,7 +76,7 @@ if has_triton():
         v_ptr, stride_v_b, stride_v_n, stride_v_h, stride_v_d,
         mask_ptr, stride_mask_b, stride_mask_n,
         Dq, Dv,
-        HAS_MASK: tl.constexpr, FP32_DOT: tl.constexpr,
+        HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_F: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
     ):
         """Online softmax of q (BLOCK_F, BLOCK_DQ) over this split's keys of one half.
@@ -93,14 +93,14 @@ if has_triton():
                 v_ptr, stride_v_b, stride_v_n, stride_v_h, stride_v_d,
                 mask_ptr, stride_mask_b, stride_mask_n, Dq, Dv, HAS_MASK, BLOCK_N, BLOCK_DQ, BLOCK_DV,
             )
-            s = dot(q, tl.trans(k), FP32_DOT)
+            s = dot(q, tl.trans(k), DOT_PRECISION)
             s = tl.where(key_ok[None, :], s * scale, float("-inf"))  # (BLOCK_F, BLOCK_N)
             m_new = tl.maximum(m, tl.max(s, 1))
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp(s - m_ref[:, None])
             alpha = tl.exp(m - m_ref)
             l = l * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, FP32_DOT)
+            acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_PRECISION)
             m = m_new
         has_key = l > 0
         o = acc / tl.where(has_key, l, 1.0)[:, None]
@@ -122,7 +122,7 @@ if has_triton():
         lse_ptr, stride_lse_s, stride_lse_b, stride_lse_f, stride_lse_h,
         F, H, Na, Nv, Dq, Dv, scale, num_splits,
         HAS_BIAS: tl.constexpr, HAS_MASK_A: tl.constexpr, HAS_MASK_V: tl.constexpr,
-        FINAL: tl.constexpr, FP32_DOT: tl.constexpr,
+        FINAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_F: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
     ):
         # program (b*H + h, F block, key split). FINAL: one split, write out / o_half / lse;
@@ -145,14 +145,14 @@ if has_triton():
             ka_ptr, stride_ka_b, stride_ka_n, stride_ka_h, stride_ka_d,
             va_ptr, stride_va_b, stride_va_n, stride_va_h, stride_va_d,
             mask_a_ptr, stride_mask_a_b, stride_mask_a_n, Dq, Dv,
-            HAS_MASK_A, FP32_DOT, BLOCK_F, BLOCK_N, BLOCK_DQ, BLOCK_DV,
+            HAS_MASK_A, DOT_PRECISION, BLOCK_F, BLOCK_N, BLOCK_DQ, BLOCK_DV,
         )
         o_v, lse_v = _attend_half(
             q, b, h, split, num_splits, Nv, scale,
             kv_ptr, stride_kv_b, stride_kv_n, stride_kv_h, stride_kv_d,
             vv_ptr, stride_vv_b, stride_vv_n, stride_vv_h, stride_vv_d,
             mask_v_ptr, stride_mask_v_b, stride_mask_v_n, Dq, Dv,
-            HAS_MASK_V, FP32_DOT, BLOCK_F, BLOCK_N, BLOCK_DQ, BLOCK_DV,
+            HAS_MASK_V, DOT_PRECISION, BLOCK_F, BLOCK_N, BLOCK_DQ, BLOCK_DV,
         )
         dv_ok = f_ok[:, None] & (offs_dv[None, :] < Dv)
         if FINAL:
@@ -189,7 +189,7 @@ if has_triton():
         dk_ptr, stride_dk_s, stride_dk_b, stride_dk_n, stride_dk_h,
         dv_ptr, stride_dv_s, stride_dv_b, stride_dv_n, stride_dv_h,
         pid_f, Dq, Dv,
-        HAS_MASK: tl.constexpr, FP32_DOT: tl.constexpr,
+        HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_F: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
     ):
         """Adds this F block's share of dK, dV for this split's keys of one half
@@ -210,14 +210,14 @@ if has_triton():
                 v_ptr, stride_v_b, stride_v_n, stride_v_h, stride_v_d,
                 mask_ptr, stride_mask_b, stride_mask_n, Dq, Dv, HAS_MASK, BLOCK_N, BLOCK_DQ, BLOCK_DV,
             )
-            s = dot(q, tl.trans(k), FP32_DOT)
+            s = dot(q, tl.trans(k), DOT_PRECISION)
             p = tl.exp(s * scale - lse[:, None])
             p = tl.where(key_ok[None, :] & f_ok[:, None], p, 0.0)  # (BLOCK_F, BLOCK_N)
-            dv = dot(tl.trans(p.to(do.dtype)), do, FP32_DOT)  # (BLOCK_N, BLOCK_DV)
-            dp = dot(do, tl.trans(v), FP32_DOT)  # (BLOCK_F, BLOCK_N)
+            dv = dot(tl.trans(p.to(do.dtype)), do, DOT_PRECISION)  # (BLOCK_N, BLOCK_DV)
+            dp = dot(do, tl.trans(v), DOT_PRECISION)  # (BLOCK_F, BLOCK_N)
             ds = p * (dp - delta[:, None])  # (BLOCK_F, BLOCK_N)
-            dk = dot(tl.trans(ds.to(q.dtype)), q, FP32_DOT) * scale  # (BLOCK_N, BLOCK_DQ)
-            dq += dot(ds.to(k.dtype), k, FP32_DOT)
+            dk = dot(tl.trans(ds.to(q.dtype)), q, DOT_PRECISION) * scale  # (BLOCK_N, BLOCK_DQ)
+            dq += dot(ds.to(k.dtype), k, DOT_PRECISION)
             tl.store(
                 dk_ptr + pid_f * stride_dk_s + b * stride_dk_b + h * stride_dk_h
                 + offs_n[:, None] * stride_dk_n + offs_dq[None, :],
@@ -248,7 +248,7 @@ if has_triton():
         dkv_ptr, stride_dkv_s, stride_dkv_b, stride_dkv_n, stride_dkv_h,
         dvv_ptr, stride_dvv_s, stride_dvv_b, stride_dvv_n, stride_dvv_h,
         F, H, Na, Nv, Dq, Dv, scale, num_splits,
-        HAS_MASK_A: tl.constexpr, HAS_MASK_V: tl.constexpr, FP32_DOT: tl.constexpr,
+        HAS_MASK_A: tl.constexpr, HAS_MASK_V: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_F: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_DV: tl.constexpr,
     ):
         # program (b*H + h, F block, key split): dK, dV of the split's keys from this F block
@@ -280,7 +280,7 @@ if has_triton():
             mask_a_ptr, stride_mask_a_b, stride_mask_a_n,
             dka_ptr, stride_dka_s, stride_dka_b, stride_dka_n, stride_dka_h,
             dva_ptr, stride_dva_s, stride_dva_b, stride_dva_n, stride_dva_h,
-            pid_f, Dq, Dv, HAS_MASK_A, FP32_DOT, BLOCK_F, BLOCK_N, BLOCK_DQ, BLOCK_DV,
+            pid_f, Dq, Dv, HAS_MASK_A, DOT_PRECISION, BLOCK_F, BLOCK_N, BLOCK_DQ, BLOCK_DV,
         )
         dq += _grad_half(
             q, do, o_row + stride_ohalf_x, lse_row + 1, f_ok, b, h, split, num_splits, Nv, scale,
@@ -289,7 +289,7 @@ if has_triton():
             mask_v_ptr, stride_mask_v_b, stride_mask_v_n,
             dkv_ptr, stride_dkv_s, stride_dkv_b, stride_dkv_n, stride_dkv_h,
             dvv_ptr, stride_dvv_s, stride_dvv_b, stride_dvv_n, stride_dvv_h,
-            pid_f, Dq, Dv, HAS_MASK_V, FP32_DOT, BLOCK_F, BLOCK_N, BLOCK_DQ, BLOCK_DV,
+            pid_f, Dq, Dv, HAS_MASK_V, DOT_PRECISION, BLOCK_F, BLOCK_N, BLOCK_DQ, BLOCK_DV,
         )
         tl.store(
             dq_ptr + split * stride_dq_s + b * stride_dq_b + h * stride_dq_h
@@ -344,7 +344,7 @@ def av_pair_attention_fwd(
             F, H, Na, Nv, Dq, Dv, scale, num_splits,
             HAS_BIAS=v_bias is not None,
             HAS_MASK_A=key_padding_mask_a is not None, HAS_MASK_V=key_padding_mask_v is not None,
-            FINAL=final, FP32_DOT=use_fp32_dot(q),
+            FINAL=final, DOT_PRECISION=dot_precision(q),
             BLOCK_F=block_f, BLOCK_N=BLOCK_N, BLOCK_DQ=pow2(Dq), BLOCK_DV=pow2(Dv),
             num_stages=_num_stages(q, Dq, Dv),
         )
@@ -401,7 +401,7 @@ def av_pair_attention_bwd(
             dk_v, *dk_v.stride()[:4], dv_v, *dv_v.stride()[:4],
             F, H, Na, Nv, Dq, Dv, scale, num_splits,
             HAS_MASK_A=key_padding_mask_a is not None, HAS_MASK_V=key_padding_mask_v is not None,
-            FP32_DOT=use_fp32_dot(q),
+            DOT_PRECISION=dot_precision(q),
             BLOCK_F=block_f, BLOCK_N=BLOCK_N, BLOCK_DQ=pow2(Dq), BLOCK_DV=pow2(Dv),
             num_stages=_num_stages(q, Dq, Dv),
         )

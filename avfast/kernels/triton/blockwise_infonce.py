@@ -2,11 +2,20 @@
 (backend contract of ``avfast.reference.blockwise_infonce.cosine_lse``).
 
 S_ij = cos(x_i, y_j) / tau for each block k; X rows (K, Bx, d), Y columns (K, By, d).
-The forward streams column tiles past a row tile (L2 normalization fused, no Bx x By
-matrix stored) and produces, in one pass, the row log-sum-exps (online softmax in
-registers), the column log-sum-exps and the shifted diagonal. Column sums from all row
-tiles meet in a float64 buffer through atomic adds, each term taken relative to the
-bound S <= 1/tau, which float64 holds without underflow for tau >= 0.003.
+Every score tile is a GEMM tile: a k-loop over d in BLOCK_K chunks accumulates x . y in
+fp32, then the row norms (computed once, up front) scale it. Nothing of size Bx x By is
+kept beyond one panel of the backward (bounded by ``PANEL_ELEMENTS``): memory O(B d).
+
+Forward: programs (block k, row tile, column split) stream their columns once and write
+partial row log-sum-exps (merged over splits by the launcher), the shifted diagonal, and
+column sums that meet in a float64 buffer through atomic adds, each term taken relative
+to the bound S <= 1/tau, which float64 holds without underflow for tau >= 0.003.
+
+Backward, with P_ij = exp(S_ij - lse_x_i), Q_ij = exp(S_ij - lse_y_j) over valid pairs:
+  dS_ij = (g_x_i P_ij + g_y_j Q_ij + g_diag_i [j == i + shift]) / tau
+  d xhat = dS yhat,   d yhat = dS^T xhat,   d x_i = (d xhat_i - xhat_i (xhat_i . d xhat_i)) / |x_i|
+in row panels: one kernel writes the panel's dS (recomputing S), two GEMM kernels take it
+into d xhat (complete per panel) and d yhat (accumulated over panels in fp32).
 All K blocks go in one launch (program_id 0). Inputs come checked (avfast.ops).
 """
 
@@ -16,28 +25,17 @@ import torch
 from torch import Tensor
 
 from avfast.kernels.triton import has_triton
-from avfast.kernels.triton.common import on_device, pow2, use_fp32_dot
+from avfast.kernels.triton.common import dot_precision, on_device
 
 NORM_EPS = 1e-12  # as F.normalize
-TILE_ELEMENTS = 32 * 1024  # rows x padded d per tile, a register budget (untuned)
+PANEL_ELEMENTS = 1 << 25  # dS panel budget (elements) beyond the O(B d) floor of the backward
+MIN_PROGRAMS = 264  # two waves on 132 SMs: split columns until a forward launch has this many
 
 if has_triton():
     import triton
     import triton.language as tl
 
     from avfast.kernels.triton.common import dot
-
-    @triton.jit
-    def _load_unit_rows(ptr, stride_k, stride_b, stride_d, k, offs, n, D, BLOCK_D: tl.constexpr):
-        """Rows offs of block k: raw tile (len(offs), BLOCK_D), zero outside, and 1/max(|row|, eps)."""
-        offs_d = tl.arange(0, BLOCK_D)
-        z = tl.load(
-            ptr + k * stride_k + offs[:, None] * stride_b + offs_d[None, :] * stride_d,
-            mask=(offs[:, None] < n) & (offs_d[None, :] < D), other=0.0,
-        )
-        zf = z.to(tl.float32)
-        norm = tl.sqrt(tl.sum(zf * zf, 1))
-        return z, 1.0 / tl.maximum(norm, 1e-12), norm
 
     @triton.jit
     def _valid(ptr, offs, n, HAS_VALID: tl.constexpr):
@@ -47,30 +45,53 @@ if has_triton():
         return ok
 
     @triton.jit
+    def _scores(
+        x_ptr, stride_x_k, stride_x_b, stride_x_d, y_ptr, stride_y_k, stride_y_b, stride_y_d,
+        k, offs_m, offs_n, Bx, By, D,
+        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """Raw dot products x_i . y_j of a (BLOCK_M, BLOCK_N) tile by a k-loop over d, fp32."""
+        offs_k = tl.arange(0, BLOCK_K)
+        x_ptrs = x_ptr + k * stride_x_k + offs_m[:, None] * stride_x_b + offs_k[None, :] * stride_x_d
+        y_ptrs = y_ptr + k * stride_y_k + offs_n[None, :] * stride_y_b + offs_k[:, None] * stride_y_d
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            d_ok = offs_k + k0 < D
+            x = tl.load(x_ptrs, mask=(offs_m[:, None] < Bx) & d_ok[None, :], other=0.0)
+            yt = tl.load(y_ptrs, mask=(offs_n[None, :] < By) & d_ok[:, None], other=0.0)
+            acc += dot(x, yt, DOT_PRECISION)
+            x_ptrs += BLOCK_K * stride_x_d
+            y_ptrs += BLOCK_K * stride_y_d
+        return acc
+
+    @triton.jit
     def _cosine_lse_fwd_kernel(
         x_ptr, stride_x_k, stride_x_b, stride_x_d,
         y_ptr, stride_y_k, stride_y_b, stride_y_d,
-        valid_x_ptr, valid_y_ptr,
-        lse_x_ptr, diag_ptr, colsum_ptr,
-        Bx, By, D, inv_tau, shift,
+        rinv_x_ptr, rinv_y_ptr, valid_x_ptr, valid_y_ptr,
+        m_part_ptr, l_part_ptr, diag_part_ptr, colsum_ptr,
+        K, Bx, By, D, inv_tau, shift, cols_per_split,
         HAS_VALID_X: tl.constexpr, HAS_VALID_Y: tl.constexpr, WITH_COL: tl.constexpr,
-        FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        # program (block k, tile of BLOCK_M rows): streams every column tile once.
+        # program (block k, tile of BLOCK_M rows, split of cols_per_split columns)
         k = tl.program_id(0).to(tl.int64)  # int64: k * stride_k passes 2^31 at K12 x B262144 x d768
         offs_m = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        split = tl.program_id(2)
         m_ok = _valid(valid_x_ptr, offs_m, Bx, HAS_VALID_X)
-        x, rinv_x, _norm_x = _load_unit_rows(x_ptr, stride_x_k, stride_x_b, stride_x_d, k, offs_m, Bx, D, BLOCK_D)
+        rinv_x = tl.load(rinv_x_ptr + k * Bx + offs_m, mask=offs_m < Bx, other=0.0)
         m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l = tl.zeros((BLOCK_M,), tl.float32)
         diag = tl.zeros((BLOCK_M,), tl.float32)
-        for n0 in range(0, By, BLOCK_N):
+        col_start = split * cols_per_split
+        for n0 in range(col_start, tl.minimum(col_start + cols_per_split, By), BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = _valid(valid_y_ptr, offs_n, By, HAS_VALID_Y)
-            y, rinv_y, _norm_y = _load_unit_rows(y_ptr, stride_y_k, stride_y_b, stride_y_d, k, offs_n, By, D, BLOCK_D)
+            rinv_y = tl.load(rinv_y_ptr + k * By + offs_n, mask=offs_n < By, other=0.0)
+            s = _scores(x_ptr, stride_x_k, stride_x_b, stride_x_d, y_ptr, stride_y_k, stride_y_b, stride_y_d,
+                        k, offs_m, offs_n, Bx, By, D, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
             pair_ok = m_ok[:, None] & n_ok[None, :]
-            s = dot(x, tl.trans(y), FP32_DOT) * (rinv_x[:, None] * rinv_y[None, :] * inv_tau)
-            s = tl.where(pair_ok, s, float("-inf"))  # (BLOCK_M, BLOCK_N)
+            s = tl.where(pair_ok, s * (rinv_x[:, None] * rinv_y[None, :] * inv_tau), float("-inf"))
             is_diag = pair_ok & (offs_n[None, :] == offs_m[:, None] + shift)
             diag += tl.sum(tl.where(is_diag, s, 0.0), 1)
             m_new = tl.maximum(m, tl.max(s, 1))
@@ -84,80 +105,104 @@ if has_triton():
                 # relative to the bound 1/tau: c_sum * exp(c_ref - 1/tau), in float64
                 term = c_sum.to(tl.float64) * tl.exp(c_ref.to(tl.float64) - inv_tau)
                 tl.atomic_add(colsum_ptr + k * By + offs_n, term, mask=n_ok & (c_sum > 0))
-        lse = tl.where(l > 0, m + tl.log(tl.where(l > 0, l, 1.0)), 0.0)
-        tl.store(lse_x_ptr + k * Bx + offs_m, lse, mask=offs_m < Bx)
-        tl.store(diag_ptr + k * Bx + offs_m, diag, mask=offs_m < Bx)
+        out = (split * K + k) * Bx + offs_m
+        tl.store(m_part_ptr + out, m, mask=offs_m < Bx)
+        tl.store(l_part_ptr + out, l, mask=offs_m < Bx)
+        tl.store(diag_part_ptr + out, diag, mask=offs_m < Bx)
 
-    # Backward, for rows x_i (one call; the columns' gradient is the same kernel with the
-    # roles of X and Y swapped). With P_ij = exp(S_ij - lse_x_i), Q_ij = exp(S_ij - lse_y_j)
-    # over valid pairs and upstream gradients g_x, g_y, g_diag:
-    #   dS_ij = g_x_i P_ij + g_y_j Q_ij + g_diag * [j == i + shift]
-    #   d xhat_i = (1/tau) sum_j dS_ij yhat_j
-    #   d x_i = (d xhat_i - xhat_i (xhat_i . d xhat_i)) / |x_i|   (F.normalize's backward)
     @triton.jit
-    def _cosine_lse_bwd_kernel(
+    def _cosine_dscore_kernel(
         x_ptr, stride_x_k, stride_x_b, stride_x_d,
         y_ptr, stride_y_k, stride_y_b, stride_y_d,
-        valid_x_ptr, valid_y_ptr,
+        rinv_x_ptr, rinv_y_ptr, valid_x_ptr, valid_y_ptr,
         lse_x_ptr, g_x_ptr, lse_y_ptr, g_y_ptr, g_diag_ptr,
-        dx_ptr, stride_dx_k, stride_dx_b,
-        Bx, By, D, inv_tau, shift,
-        HAS_VALID_X: tl.constexpr, HAS_VALID_Y: tl.constexpr,
-        HAS_X_TERM: tl.constexpr, HAS_Y_TERM: tl.constexpr, HAS_DIAG: tl.constexpr, DIAG_ON_ROWS: tl.constexpr,
-        FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        ds_ptr, stride_ds_k, stride_ds_m,
+        row0, rows, Bx, By, D, inv_tau, shift,
+        HAS_VALID_X: tl.constexpr, HAS_VALID_Y: tl.constexpr, HAS_Y_TERM: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        # program (block k, tile of BLOCK_M rows of X): d X for those rows.
-        k = tl.program_id(0).to(tl.int64)  # int64: k * stride_k passes 2^31 at K12 x B262144 x d768
-        offs_m = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        m_ok = _valid(valid_x_ptr, offs_m, Bx, HAS_VALID_X)
-        x, rinv_x, norm_x = _load_unit_rows(x_ptr, stride_x_k, stride_x_b, stride_x_d, k, offs_m, Bx, D, BLOCK_D)
-        if HAS_X_TERM:
-            g_x = tl.load(g_x_ptr + k * Bx + offs_m, mask=m_ok, other=0.0)
-            lse_x = tl.load(lse_x_ptr + k * Bx + offs_m, mask=m_ok, other=0.0)
-        if DIAG_ON_ROWS:
-            g_diag_rows = tl.load(g_diag_ptr + k * Bx + offs_m, mask=m_ok, other=0.0)
-        acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-        for n0 in range(0, By, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_ok = _valid(valid_y_ptr, offs_n, By, HAS_VALID_Y)
-            y, rinv_y, _norm_y = _load_unit_rows(y_ptr, stride_y_k, stride_y_b, stride_y_d, k, offs_n, By, D, BLOCK_D)
-            pair_ok = m_ok[:, None] & n_ok[None, :]
-            s = dot(x, tl.trans(y), FP32_DOT) * (rinv_x[:, None] * rinv_y[None, :] * inv_tau)
-            ds = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-            if HAS_X_TERM:
-                ds += g_x[:, None] * tl.exp(tl.minimum(s - lse_x[:, None], 0.0))
-            if HAS_Y_TERM:
-                g_y = tl.load(g_y_ptr + k * By + offs_n, mask=n_ok, other=0.0)
-                lse_y = tl.load(lse_y_ptr + k * By + offs_n, mask=n_ok, other=0.0)
-                ds += g_y[None, :] * tl.exp(tl.minimum(s - lse_y[None, :], 0.0))
-            if HAS_DIAG:
-                is_diag = offs_n[None, :] == offs_m[:, None] + shift
-                if DIAG_ON_ROWS:
-                    ds += tl.where(is_diag, g_diag_rows[:, None], 0.0)
-                else:
-                    g_diag_cols = tl.load(g_diag_ptr + k * By + offs_n, mask=n_ok, other=0.0)
-                    ds += tl.where(is_diag, g_diag_cols[None, :], 0.0)
-            ds = tl.where(pair_ok, ds, 0.0)  # (BLOCK_M, BLOCK_N)
-            y_unit = (y.to(tl.float32) * rinv_y[:, None]).to(y.dtype)  # (BLOCK_N, BLOCK_D)
-            acc += dot(ds.to(y.dtype), y_unit, FP32_DOT)
-        d_unit = acc * inv_tau  # (BLOCK_M, BLOCK_D)
-        x_unit = x.to(tl.float32) * rinv_x[:, None]
-        radial = tl.where(norm_x > 1e-12, tl.sum(x_unit * d_unit, 1), 0.0)
-        dx = (d_unit - x_unit * radial[:, None]) * rinv_x[:, None]
+        # program (block k, row tile of the panel [row0, row0 + rows), column tile): its dS tile
+        k = tl.program_id(0).to(tl.int64)
+        local_m = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = row0 + local_m
+        offs_n = tl.program_id(2).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_panel = local_m < rows
+        m_ok = _valid(valid_x_ptr, offs_m, Bx, HAS_VALID_X) & in_panel
+        n_ok = _valid(valid_y_ptr, offs_n, By, HAS_VALID_Y)
+        rinv_x = tl.load(rinv_x_ptr + k * Bx + offs_m, mask=m_ok, other=0.0)
+        rinv_y = tl.load(rinv_y_ptr + k * By + offs_n, mask=n_ok, other=0.0)
+        s = _scores(x_ptr, stride_x_k, stride_x_b, stride_x_d, y_ptr, stride_y_k, stride_y_b, stride_y_d,
+                    k, offs_m, offs_n, Bx, By, D, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        s = s * (rinv_x[:, None] * rinv_y[None, :] * inv_tau)
+        g_x = tl.load(g_x_ptr + k * Bx + offs_m, mask=m_ok, other=0.0)
+        lse_x = tl.load(lse_x_ptr + k * Bx + offs_m, mask=m_ok, other=0.0)
+        ds = g_x[:, None] * tl.exp(tl.minimum(s - lse_x[:, None], 0.0))
+        if HAS_Y_TERM:
+            g_y = tl.load(g_y_ptr + k * By + offs_n, mask=n_ok, other=0.0)
+            lse_y = tl.load(lse_y_ptr + k * By + offs_n, mask=n_ok, other=0.0)
+            ds += g_y[None, :] * tl.exp(tl.minimum(s - lse_y[None, :], 0.0))
+        g_diag = tl.load(g_diag_ptr + k * Bx + offs_m, mask=m_ok, other=0.0)
+        ds += tl.where(offs_n[None, :] == offs_m[:, None] + shift, g_diag[:, None], 0.0)
+        ds = tl.where(m_ok[:, None] & n_ok[None, :], ds * inv_tau, 0.0)
         tl.store(
-            dx_ptr + k * stride_dx_k + offs_m[:, None] * stride_dx_b + offs_d[None, :],
-            dx, mask=(offs_m[:, None] < Bx) & (offs_d[None, :] < D),
+            ds_ptr + k * stride_ds_k + local_m[:, None] * stride_ds_m + offs_n[None, :],
+            ds.to(ds_ptr.dtype.element_ty), mask=in_panel[:, None] & (offs_n[None, :] < By),
         )
 
+    @triton.jit
+    def _panel_matmul_kernel(
+        a_ptr, stride_a_k, stride_a_m, stride_a_r,
+        b_ptr, stride_b_k, stride_b_r, stride_b_n,
+        c_ptr, stride_c_k, stride_c_m, stride_c_n,
+        M, N, R,
+        ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        # program (block k, tile of C): C[k] (+)= A[k] @ B[k], (M, R) @ (R, N), fp32 C
+        k = tl.program_id(0).to(tl.int64)
+        offs_m = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.program_id(2).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_r = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + k * stride_a_k + offs_m[:, None] * stride_a_m + offs_r[None, :] * stride_a_r
+        b_ptrs = b_ptr + k * stride_b_k + offs_r[:, None] * stride_b_r + offs_n[None, :] * stride_b_n
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for r0 in range(0, R, BLOCK_K):
+            r_ok = offs_r + r0 < R
+            a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & r_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=r_ok[:, None] & (offs_n[None, :] < N), other=0.0)
+            acc += dot(a, b, DOT_PRECISION)
+            a_ptrs += BLOCK_K * stride_a_r
+            b_ptrs += BLOCK_K * stride_b_r
+        c_ptrs = c_ptr + k * stride_c_k + offs_m[:, None] * stride_c_m + offs_n[None, :] * stride_c_n
+        c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        if ACCUMULATE:
+            acc += tl.load(c_ptrs, mask=c_mask, other=0.0)
+        tl.store(c_ptrs, acc, mask=c_mask)
 
-def _blocks(d: int, n_rows: int, n_cols: int, element_size: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_stages): row tiles of at most TILE_ELEMENTS padded
-    16-bit elements' bytes, so that fp32 tiles (and their fp32 dots) fit shared memory."""
-    block_d = pow2(d)
-    rows = max(16, min(128, TILE_ELEMENTS * 2 // element_size // block_d))
-    num_stages = 1 if element_size * block_d >= 4096 else 3
-    return min(rows, pow2(n_rows)), min(max(16, rows // 2), pow2(n_cols)), block_d, num_stages
+
+def _tile(n: int, large: int) -> int:
+    """Tile edge for n rows or columns: ``large`` once n fills two of them, else 64 (the
+    smallest wgmma-friendly edge, 16 for tiny n)."""
+    if n >= 2 * large:
+        return large
+    return 64 if n > 32 else 16 if n <= 16 else 32
+
+
+def _fwd_config(K: int, Br: int, Bc: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, splits, num_warps): 128 x 128 tiles for large batches, and
+    column splits until the launch has MIN_PROGRAMS programs (or one column tile each)."""
+    block_m, block_n = _tile(Br, 128), _tile(Bc, 128)
+    col_tiles = triton.cdiv(Bc, block_n)
+    programs = K * triton.cdiv(Br, block_m)
+    splits = max(1, min(col_tiles, triton.cdiv(MIN_PROGRAMS, programs)))
+    num_warps = 8 if block_m * block_n >= 128 * 128 else 4
+    return block_m, block_n, 64, splits, num_warps
+
+
+def _row_rinv(z: Tensor) -> Tensor:
+    """1 / max(|z_kb|, eps) per row, float32 (K, B): one read of z, no fp32 copy of it."""
+    norm = torch.linalg.vector_norm(z, dim=-1, dtype=torch.float32)
+    return 1.0 / norm.clamp_min(NORM_EPS)
 
 
 def _valid_arg(valid: Tensor | None) -> Tensor | None:
@@ -171,46 +216,61 @@ def cosine_lse_fwd(
     """Forward launcher: (lse_row (K, Br), lse_col (K, Bc), diag (K, Br)), float32."""
     K, Br, D = z_row.shape
     Bc = z_col.shape[1]
-    block_m, block_n, block_d, num_stages = _blocks(D, Br, Bc, z_row.element_size())
+    block_m, block_n, block_k, splits, num_warps = _fwd_config(K, Br, Bc)
+    cols_per_split = triton.cdiv(triton.cdiv(Bc, block_n), splits) * block_n
+    splits = triton.cdiv(Bc, cols_per_split)
     dev = z_row.device
-    lse_row = torch.empty(K, Br, device=dev, dtype=torch.float32)
-    diag = torch.empty(K, Br, device=dev, dtype=torch.float32)
+    m_part = torch.empty(splits, K, Br, device=dev, dtype=torch.float32)
+    l_part = torch.empty(splits, K, Br, device=dev, dtype=torch.float32)
+    diag_part = torch.empty(splits, K, Br, device=dev, dtype=torch.float32)
     colsum = torch.zeros(K, Bc if col_lse else 1, device=dev, dtype=torch.float64)
     with on_device(z_row):
-        _cosine_lse_fwd_kernel[(K, triton.cdiv(Br, block_m))](
+        _cosine_lse_fwd_kernel[(K, triton.cdiv(Br, block_m), splits)](
             z_row, *z_row.stride(), z_col, *z_col.stride(),
-            _valid_arg(valid_row), _valid_arg(valid_col),
-            lse_row, diag, colsum,
-            Br, Bc, D, 1.0 / tau, row_offset,
+            _row_rinv(z_row), _row_rinv(z_col), _valid_arg(valid_row), _valid_arg(valid_col),
+            m_part, l_part, diag_part, colsum,
+            K, Br, Bc, D, 1.0 / tau, row_offset, cols_per_split,
             HAS_VALID_X=valid_row is not None, HAS_VALID_Y=valid_col is not None, WITH_COL=col_lse,
-            FP32_DOT=use_fp32_dot(z_row), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_stages=num_stages,
+            DOT_PRECISION=dot_precision(z_row), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            num_warps=num_warps, num_stages=3,
         )
+    m_max = m_part.amax(0)
+    m_ref = torch.where(m_max == float("-inf"), 0.0, m_max)
+    l_sum = (l_part * torch.exp(m_part - m_ref)).sum(0)
+    lse_row = torch.where(l_sum > 0, m_ref + torch.log(torch.where(l_sum > 0, l_sum, 1.0)), 0.0)
     if col_lse:
         lse_col = torch.where(colsum > 0, colsum.log() + 1.0 / tau, 0.0).float()
     else:
         lse_col = torch.zeros(K, Bc, device=dev, dtype=torch.float32)
-    return lse_row, lse_col, diag
+    return lse_row, lse_col, diag_part.sum(0)
 
 
-def _grad_rows(
-    x: Tensor, y: Tensor, valid_x: Tensor | None, valid_y: Tensor | None,
-    lse_x: Tensor | None, g_x: Tensor | None, lse_y: Tensor | None, g_y: Tensor | None,
-    g_diag: Tensor, diag_on_rows: bool, tau: float, shift: int,
-) -> Tensor:
-    K, Bx, D = x.shape
-    By = y.shape[1]
-    block_m, block_n, block_d, num_stages = _blocks(D, Bx, By, x.element_size())
-    dx = torch.empty(K, Bx, D, device=x.device, dtype=x.dtype)
-    with on_device(x):
-        _cosine_lse_bwd_kernel[(K, triton.cdiv(Bx, block_m))](
-            x, *x.stride(), y, *y.stride(), _valid_arg(valid_x), _valid_arg(valid_y),
-            lse_x, g_x, lse_y, g_y, g_diag, dx, *dx.stride()[:2],
-            Bx, By, D, 1.0 / tau, shift,
-            HAS_VALID_X=valid_x is not None, HAS_VALID_Y=valid_y is not None,
-            HAS_X_TERM=g_x is not None, HAS_Y_TERM=g_y is not None, HAS_DIAG=True, DIAG_ON_ROWS=diag_on_rows,
-            FP32_DOT=use_fp32_dot(x), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_stages=num_stages,
-        )
-    return dx
+def _panel_rows(K: int, Br: int, Bc: int, D: int, block_m: int) -> int:
+    """Rows per backward panel: all of them when K x Br x Bc fits the budget, else as many
+    row tiles as keep the dS panel within max(PANEL_ELEMENTS, K (Br + Bc) d)."""
+    budget = max(PANEL_ELEMENTS, K * (Br + Bc) * D)
+    if K * Br * Bc <= budget:
+        return Br
+    return max(block_m, budget // (K * Bc) // block_m * block_m)
+
+
+def _matmul(a: Tensor, b: Tensor, c: Tensor, accumulate: bool, precision: str) -> None:
+    """c (K, M, N) fp32 (+)= a (K, M, R) @ b (K, R, N), any strides."""
+    K, M, R = a.shape
+    N = b.shape[2]
+    block_m, block_n = _tile(M, 128), _tile(N, 128)
+    _panel_matmul_kernel[(K, triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
+        a, *a.stride(), b, *b.stride(), c, *c.stride(), M, N, R,
+        ACCUMULATE=accumulate, DOT_PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64,
+        num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=3,
+    )
+
+
+def _normalize_backward(z: Tensor, rinv: Tensor, d_unit: Tensor) -> Tensor:
+    """F.normalize's backward: (d_unit - zhat (zhat . d_unit)) / |z|, in z's dtype."""
+    unit = z.float() * rinv[..., None]
+    radial = torch.where(rinv < 1.0 / NORM_EPS, (unit * d_unit).sum(-1), 0.0)
+    return ((d_unit - unit * radial[..., None]) * rinv[..., None]).to(z.dtype)
 
 
 def cosine_lse_bwd(
@@ -218,12 +278,32 @@ def cosine_lse_bwd(
     z_row: Tensor, z_col: Tensor, valid_row: Tensor | None, valid_col: Tensor | None,
     lse_row: Tensor, lse_col: Tensor, tau: float, row_offset: int, col_lse: bool,
 ) -> tuple[Tensor, Tensor]:
-    """Backward launcher: (dz_row (K, Br, d), dz_col (K, Bc, d)) in the inputs' dtypes.
-    Two launches: rows against all columns, then columns against all rows."""
+    """Backward launcher: (dz_row (K, Br, d), dz_col (K, Bc, d)) in the inputs' dtypes."""
+    K, Br, D = z_row.shape
+    Bc = z_col.shape[1]
+    dev, precision = z_row.device, dot_precision(z_row)
     g_row, g_col, g_diag = (g.float().contiguous() for g in (g_lse_row, g_lse_col, g_diag))
-    col_terms = (lse_col, g_col) if col_lse else (None, None)
-    dz_row = _grad_rows(z_row, z_col, valid_row, valid_col, lse_row, g_row, *col_terms,
-                        g_diag, True, tau, row_offset)
-    dz_col = _grad_rows(z_col, z_row, valid_col, valid_row, *col_terms, lse_row, g_row,
-                        g_diag, False, tau, -row_offset)
-    return dz_row, dz_col
+    rinv_row, rinv_col = _row_rinv(z_row), _row_rinv(z_col)
+    unit_row = (z_row.float() * rinv_row[..., None]).to(z_row.dtype)
+    unit_col = (z_col.float() * rinv_col[..., None]).to(z_col.dtype)
+    d_unit_row = torch.empty(K, Br, D, device=dev, dtype=torch.float32)
+    d_unit_col = torch.empty(K, Bc, D, device=dev, dtype=torch.float32)
+    block_m, block_n = _tile(Br, 128), _tile(Bc, 128)
+    panel = _panel_rows(K, Br, Bc, D, block_m)
+    ds = torch.empty(K, panel, Bc, device=dev, dtype=z_row.dtype)
+    valid_x, valid_y = _valid_arg(valid_row), _valid_arg(valid_col)
+    with on_device(z_row):
+        for row0 in range(0, Br, panel):
+            rows = min(panel, Br - row0)
+            _cosine_dscore_kernel[(K, triton.cdiv(rows, block_m), triton.cdiv(Bc, block_n))](
+                z_row, *z_row.stride(), z_col, *z_col.stride(), rinv_row, rinv_col, valid_x, valid_y,
+                lse_row, g_row, lse_col, g_col, g_diag, ds, *ds.stride()[:2],
+                row0, rows, Br, Bc, D, 1.0 / tau, row_offset,
+                HAS_VALID_X=valid_row is not None, HAS_VALID_Y=valid_col is not None, HAS_Y_TERM=col_lse,
+                DOT_PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64,
+                num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=3,
+            )
+            ds_panel = ds[:, :rows]
+            _matmul(ds_panel, unit_col, d_unit_row[:, row0:row0 + rows], False, precision)
+            _matmul(ds_panel.transpose(1, 2), unit_row[:, row0:row0 + rows], d_unit_col, row0 > 0, precision)
+    return _normalize_backward(z_row, rinv_row, d_unit_row), _normalize_backward(z_col, rinv_col, d_unit_col)

@@ -15,18 +15,34 @@ if has_triton():
     import triton.language as tl
 
     @triton.jit
-    def dot(a, b, FP32_DOT: tl.constexpr):
-        """a @ b with fp32 accumulation; FP32_DOT: in full fp32 (no TF32), operands upcast."""
-        if FP32_DOT:
+    def dot(a, b, DOT_PRECISION: tl.constexpr):
+        """a @ b with fp32 accumulation. DOT_PRECISION (from dot_precision): "native" for
+        16-bit operands, "tf32" for fp32 operands on TF32 tensor cores, "ieee" for full fp32
+        (operands upcast)."""
+        if DOT_PRECISION == "ieee":
             return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        if DOT_PRECISION == "tf32":
+            return tl.dot(a, b, input_precision="tf32")
         return tl.dot(a, b)
 
 
-def use_fp32_dot(t: Tensor) -> bool:
-    """Dots in full fp32 for fp32 inputs, and for bf16 under the interpreter (whose bf16
-    tl.dot returns garbage in triton 3.6)."""
+def tf32_allowed() -> bool:
+    """Whether torch lets fp32 matmuls use TF32: ``torch.backends.cuda.matmul.allow_tf32``,
+    ``fp32_precision == "tf32"`` or ``torch.set_float32_matmul_precision("high"|"medium")``."""
+    matmul = torch.backends.cuda.matmul
+    return bool(matmul.allow_tf32) or matmul.fp32_precision == "tf32" or torch.get_float32_matmul_precision() != "highest"
+
+
+def dot_precision(t: Tensor) -> str:
+    """The DOT_PRECISION of kernels on inputs like t: fp32 takes TF32 where torch allows it
+    and IEEE fp32 otherwise; bf16 under the interpreter goes through fp32 (its bf16 tl.dot
+    returns garbage in triton 3.6); other 16-bit inputs use their native tensor-core dot."""
     interpreted = os.environ.get("TRITON_INTERPRET") == "1" and t.device.type == "cpu"
-    return t.dtype == torch.float32 or (interpreted and t.dtype == torch.bfloat16)
+    if t.dtype == torch.float32:
+        return "tf32" if tf32_allowed() else "ieee"
+    if interpreted and t.dtype == torch.bfloat16:
+        return "ieee"
+    return "native"
 
 
 def pow2(n: int, floor: int = 16) -> int:
