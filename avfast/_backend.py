@@ -1,6 +1,8 @@
-"""Backend selection for avfast ops: cuda (avfast._C) -> triton -> reference.
+"""Backend selection for avfast ops: triton, cuda (avfast._C) or reference.
 
-The choice is made inside each op at call time from the tensors' device and dtype.
+The choice is made inside each op at call time from the tensors' device, dtype and (for
+limits of a kernel) sizes. On a CUDA GPU the order to try comes from ``GPU_DISPATCH``,
+one table per op and dtype; on other devices the reference serves.
 ``AVFAST_BACKEND=cuda|triton|reference`` forces one; a forced backend that cannot run
 raises and says why, while the automatic choice falls back silently.
 
@@ -20,10 +22,24 @@ import re
 
 import torch
 
-from avfast.kernels.triton import has_triton
+from avfast.kernels.triton import ADAPTER_MAX_WIDTH, has_triton
 
 BACKENDS = ("cuda", "triton", "reference")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Default order on a CUDA GPU, per op and dtype: the first backend that can run is used.
+# Triton first everywhere: its kernels use tensor cores (HGMMA on sm_90, TF32 for fp32
+# where torch allows), while the CUDA C++ kernels are FFMA-only and their pair kernels
+# spill (benchmarks/results/static-sm_90/static.md). Update from the GPU benchmarks
+# (benchmarks/results/<device>/) when a backend measures faster.
+_TRITON_FIRST = ("triton", "cuda", "reference")
+GPU_DISPATCH: dict[str, dict[str, tuple[str, ...]]] = {
+    "av_pair_attention": {"bfloat16": _TRITON_FIRST, "float16": _TRITON_FIRST, "float32": _TRITON_FIRST},
+    "cosine_lse": {"bfloat16": _TRITON_FIRST, "float16": _TRITON_FIRST, "float32": _TRITON_FIRST},
+    "av_adapter_attention": {"bfloat16": _TRITON_FIRST, "float16": _TRITON_FIRST, "float32": _TRITON_FIRST},
+}
+# Sizes a kernel backend does not take: {backend: {op: (size name, largest)}}
+SIZE_LIMITS = {"triton": {"av_adapter_attention": ("r", ADAPTER_MAX_WIDTH)}}
 
 try:
     from avfast import _C  # noqa: F401  (registers torch.ops.avfast_C)
@@ -53,12 +69,17 @@ def _built_for(device: torch.device) -> bool:
     return False
 
 
-def unavailable_reason(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> str | None:
-    """Why ``backend`` cannot run ``op`` on (device, dtype); None when it can."""
+def unavailable_reason(
+    backend: str, op: str, device: torch.device, dtype: torch.dtype, **sizes: int
+) -> str | None:
+    """Why ``backend`` cannot run ``op`` on (device, dtype) at ``sizes``; None when it can."""
     if backend == "reference":
         return None
     if dtype not in KERNEL_DTYPES:
         return f"{backend} kernels take float32/float16/bfloat16, got {dtype} (use the reference)"
+    name, largest = SIZE_LIMITS.get(backend, {}).get(op, (None, None))
+    if name in sizes and sizes[name] > largest:
+        return f"{backend} kernels of {op} take {name} <= {largest}, got {name}={sizes[name]}"
     if backend == "cuda":
         if _C is None:
             return _C_ERROR
@@ -86,18 +107,23 @@ def unavailable_reason(backend: str, op: str, device: torch.device, dtype: torch
     raise ValueError(f"AVFAST_BACKEND must be one of {BACKENDS}, got {backend!r}")
 
 
-def select(op: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Backend name for ``op`` on tensors of (device, dtype)."""
+def gpu_order(op: str, dtype: torch.dtype) -> tuple[str, ...]:
+    """The backends to try, in order, for ``op`` on a CUDA GPU (GPU_DISPATCH)."""
+    return GPU_DISPATCH.get(op, {}).get(str(dtype).removeprefix("torch."), ("reference",))
+
+
+def select(op: str, device: torch.device, dtype: torch.dtype, **sizes: int) -> str:
+    """Backend name for ``op`` on tensors of (device, dtype) at ``sizes``."""
     forced = os.environ.get("AVFAST_BACKEND")
     if forced:
-        reason = unavailable_reason(forced, op, device, dtype)
+        reason = unavailable_reason(forced, op, device, dtype, **sizes)
         if reason is not None:
             raise RuntimeError(f"{op}: AVFAST_BACKEND={forced} cannot run on {device} {dtype}: {reason}")
         return forced
     if device.type != "cuda":
         return "reference"
-    for backend in BACKENDS:
-        if unavailable_reason(backend, op, device, dtype) is None:
+    for backend in gpu_order(op, dtype):
+        if unavailable_reason(backend, op, device, dtype, **sizes) is None:
             return backend
     return "reference"
 

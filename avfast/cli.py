@@ -5,6 +5,9 @@
                                      check on CPU when no GPU is present)
     avfast bench blockwise-infonce . the blockwise_infonce benchmark (likewise)
     avfast bench av-adapter ...      the STG-CMA AV-Adapter benchmark (likewise)
+    avfast bench static              the static GPU-fitness gate: every kernel compiled for
+                                     sm_90/sm_80 without a GPU (registers, spills, tensor
+                                     cores, waves, roofline); exits 1 when a kernel fails it
     avfast prepare SRC DST ...       check a dataset's clips, extract FLAC audio (optionally
                                      re-encode the video) and write DST/manifest.csv
     avfast synth DST ...             write a folder of synthetic labelled clips
@@ -28,6 +31,7 @@ BENCHMARKS = {
     "av-adapter": "avfast.bench.av_adapter",
     "data": "avfast.bench.data_pipeline",
     "train-step": "avfast.bench.train_step",
+    "static": "avfast.bench.static",
 }
 METHODS = ("mavt", "stgcma", "dgsct", "deepavfusion")
 HOST_RUN = {  # what a forced kernel backend does with CPU tensors
@@ -65,6 +69,13 @@ def info() -> int:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+    print("\nGPU dispatch (avfast._backend.GPU_DISPATCH: order tried on a CUDA GPU):")
+    for op, by_dtype in _backend.GPU_DISPATCH.items():
+        for dtype_name, order in by_dtype.items():
+            print(f"  {op:<22} {dtype_name:<9} {' > '.join(order)}")
+    for backend, limits in _backend.SIZE_LIMITS.items():
+        for op, (size, largest) in limits.items():
+            print(f"  ({backend} {op}: {size} <= {largest}, else the next in order)")
     print(f"\nbackends on {device} (auto choice marked *; AVFAST_BACKEND={os.environ.get('AVFAST_BACKEND', '')}):")
     for op in OPS:
         for dtype in (torch.float32, torch.bfloat16):
@@ -94,6 +105,8 @@ def _device_arg(args: list[str]) -> str | None:
 def bench(name: str, args: list[str]) -> int:
     import torch  # does not import triton
 
+    if name == "static":  # compiles for sm_90/sm_80 without a GPU: never the interpreter
+        return importlib.import_module(BENCHMARKS[name]).main(args) or 0
     device = _device_arg(args)
     if device is None and not torch.cuda.is_available():
         print("No CUDA GPU: running the CPU kernel-vs-reference check (quick mode); "

@@ -76,7 +76,8 @@ def test_forward_backward_match_literal(backend, device, dtype, shape, gates, sc
     seed = fresh_seed()
     h_a, h_v, g_a, g_v = make_inputs(shape, dtype, device, gates)
     if backend == "triton" and shape[3] > 128:  # Swin's widest adapters: cuda or reference only
-        with pytest.raises(ValueError, match=r"the triton kernels take r <= 128, got r=384"):
+        with pytest.raises(RuntimeError, match=r"AVFAST_BACKEND=triton cannot run .*: triton kernels of "
+                                               r"av_adapter_attention take r <= 128, got r=384"):
             av_adapter_attention(h_a, h_v, g_a, g_v, scale=scale)
         return
     # output gradients representable in the dtype, so that every run sees the same ones
@@ -176,3 +177,15 @@ def test_cuda_kernels_host_execution_is_race_free(monkeypatch):
         results.append((*fwd, *bwd))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_triton_plan_splits_the_streamed_tokens_for_few_frames():
+    """STG-CMA's 20 frames (La49 Lv197 r48) split the visual tokens until the launch covers
+    an H100's 132 SMs; 640 frames need no split. The kernel tests above run both paths:
+    shapes with Ly > 32 split (on CPU the plan assumes 132 SMs), Ly <= 32 do not."""
+    from avfast.kernels.triton import av_adapter_attention as kernels
+
+    *_, splits, per_split = kernels._plan(20, 49, 197, 48, 2, 132)
+    assert 20 * splits >= 132 and per_split % 32 == 0 and (splits - 1) * per_split < 197
+    assert kernels._plan(640, 49, 197, 48, 2, 132)[4] == 1
+    assert kernels._plan(2, 49, 197, 48, 4, 132)[4] > 1 and kernels._plan(3, 1, 1, 8, 4, 132)[4] == 1

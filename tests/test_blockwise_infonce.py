@@ -160,6 +160,39 @@ def test_triton_backward_in_several_row_panels(device, col_lse, monkeypatch):
     check_cosine_lse(z_row, z_col, kw, torch.bfloat16, seed)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_split_k_panel_gemm(device, monkeypatch):
+    """Split-K of the rows' gradient GEMM (a reduction over 131 columns in 64-column splits
+    summed in fixed order), with panels so that the columns' GEMM accumulates as well."""
+    from avfast.kernels.triton import blockwise_infonce as kernels
+
+    skip_unless_available("triton", device, torch.float32)
+    monkeypatch.setenv("AVFAST_BACKEND", "triton")
+    monkeypatch.setattr(kernels, "SPLIT_K_MIN", 16)
+    monkeypatch.setattr(kernels, "MIN_PROGRAMS", 3)  # one output tile: split it into >= 3 programs
+    monkeypatch.setattr(kernels, "PANEL_ELEMENTS", 1)
+    calls = []
+    real = kernels._panel_matmul_kernel
+    monkeypatch.setattr(kernels, "_panel_matmul_kernel", _GridSpy(real, calls))
+    seed = fresh_seed()
+    z_row = features(1, 70, 24, torch.float32, device, strided=True)
+    z_col = features(1, 131, 24, torch.float32, device, strided=False)
+    kw = dict(tau=0.1, valid_row=None, valid_col=make_valid(131, "some", device), row_offset=2, col_lse=True)
+    check_cosine_lse(z_row, z_col, kw, torch.float32, seed)
+    assert any(grid[0] > 1 for grid in calls), f"no split-K launch among grids {calls}"
+
+
+class _GridSpy:
+    """Wraps a JIT kernel: records each launch's grid, then launches it."""
+
+    def __init__(self, kernel, grids):
+        self.kernel, self.grids = kernel, grids
+
+    def __getitem__(self, grid):
+        self.grids.append(tuple(grid))
+        return self.kernel[grid]
+
+
 def test_dot_precision_follows_torch_tf32_setting(monkeypatch):
     """fp32 inputs: TF32 exactly when torch allows it (allow_tf32, fp32_precision or
     float32_matmul_precision), IEEE otherwise; 16-bit inputs use the native dot."""

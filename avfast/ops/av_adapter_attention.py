@@ -70,7 +70,7 @@ def _av_adapter_attention(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(out_a, out_v, o_a, o_v, lse_a, lse_v); gates (N,) float32 (float64 for float64)."""
     _check_av_adapter_attention(h_a, h_v, gate_a, gate_v, scale)
-    forward, _ = _kernels(_backend.select(OP, h_a.device, h_a.dtype))
+    forward, _ = _kernels(_backend.select(OP, h_a.device, h_a.dtype, r=h_a.shape[-1]))
     with _backend.no_autocast(h_a.device):
         return forward(h_a, h_v, gate_a, gate_v, scale)
 
@@ -91,7 +91,7 @@ def _av_adapter_attention_backward(
     o_a: Tensor, o_v: Tensor, lse_a: Tensor, lse_v: Tensor, scale: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dh_a, dh_v, dgate_a (N,), dgate_v (N,))."""
-    _, backward = _kernels(_backend.select(OP, h_a.device, h_a.dtype))
+    _, backward = _kernels(_backend.select(OP, h_a.device, h_a.dtype, r=h_a.shape[-1]))
     with _backend.no_autocast(h_a.device):
         return backward(dout_a, dout_v, h_a, h_v, gate_a, gate_v, o_a, o_v, lse_a, lse_v, scale)
 

@@ -7,9 +7,9 @@ fp32, then the row norms (computed once, up front) scale it. Nothing of size Bx 
 kept beyond one panel of the backward (bounded by ``PANEL_ELEMENTS``): memory O(B d).
 
 Forward: programs (block k, row tile, column split) stream their columns once and write
-partial row log-sum-exps (merged over splits by the launcher), the shifted diagonal, and
-column sums that meet in a float64 buffer through atomic adds, each term taken relative
-to the bound S <= 1/tau, which float64 holds without underflow for tau >= 0.003.
+partial row log-sum-exps (merged over splits by the launcher) and column sums that meet in a float64 buffer through atomic adds, each term taken relative
+to the bound S <= 1/tau, which float64 holds without underflow for tau >= 0.003. The shifted
+diagonal S[i, i + shift] is a row-wise dot product, computed by the launcher.
 
 Backward, with P_ij = exp(S_ij - lse_x_i), Q_ij = exp(S_ij - lse_y_j) over valid pairs:
   dS_ij = (g_x_i P_ij + g_y_j Q_ij + g_diag_i [j == i + shift]) / tau
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from avfast.kernels.triton import has_triton
-from avfast.kernels.triton.common import dot_precision, on_device
+from avfast.kernels.triton.common import dot_precision, on_device, pow2, sm_count
 
 NORM_EPS = 1e-12  # as F.normalize
 PANEL_ELEMENTS = 1 << 25  # dS panel budget (elements) beyond the O(B d) floor of the backward
@@ -69,8 +69,8 @@ if has_triton():
         x_ptr, stride_x_k, stride_x_b, stride_x_d,
         y_ptr, stride_y_k, stride_y_b, stride_y_d,
         rinv_x_ptr, rinv_y_ptr, valid_x_ptr, valid_y_ptr,
-        m_part_ptr, l_part_ptr, diag_part_ptr, colsum_ptr,
-        K, Bx, By, D, inv_tau, shift, cols_per_split,
+        m_part_ptr, l_part_ptr, colsum_ptr,
+        K, Bx, By, D, inv_tau, cols_per_split,
         HAS_VALID_X: tl.constexpr, HAS_VALID_Y: tl.constexpr, WITH_COL: tl.constexpr,
         DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
@@ -82,7 +82,6 @@ if has_triton():
         rinv_x = tl.load(rinv_x_ptr + k * Bx + offs_m, mask=offs_m < Bx, other=0.0)
         m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l = tl.zeros((BLOCK_M,), tl.float32)
-        diag = tl.zeros((BLOCK_M,), tl.float32)
         col_start = split * cols_per_split
         for n0 in range(col_start, tl.minimum(col_start + cols_per_split, By), BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -92,8 +91,6 @@ if has_triton():
                         k, offs_m, offs_n, Bx, By, D, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
             pair_ok = m_ok[:, None] & n_ok[None, :]
             s = tl.where(pair_ok, s * (rinv_x[:, None] * rinv_y[None, :] * inv_tau), float("-inf"))
-            is_diag = pair_ok & (offs_n[None, :] == offs_m[:, None] + shift)
-            diag += tl.sum(tl.where(is_diag, s, 0.0), 1)
             m_new = tl.maximum(m, tl.max(s, 1))
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
             l = l * tl.exp(m - m_ref) + tl.sum(tl.exp(s - m_ref[:, None]), 1)
@@ -108,7 +105,6 @@ if has_triton():
         out = (split * K + k) * Bx + offs_m
         tl.store(m_part_ptr + out, m, mask=offs_m < Bx)
         tl.store(l_part_ptr + out, l, mask=offs_m < Bx)
-        tl.store(diag_part_ptr + out, diag, mask=offs_m < Bx)
 
     @triton.jit
     def _cosine_dscore_kernel(
@@ -154,55 +150,94 @@ if has_triton():
         a_ptr, stride_a_k, stride_a_m, stride_a_r,
         b_ptr, stride_b_k, stride_b_r, stride_b_n,
         c_ptr, stride_c_k, stride_c_m, stride_c_n,
-        M, N, R,
+        K, M, N, R, r_per_split,
         ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        # program (block k, tile of C): C[k] (+)= A[k] @ B[k], (M, R) @ (R, N), fp32 C
-        k = tl.program_id(0).to(tl.int64)
+        # program (split s x block k, tile of C): C[s K + k] (+)= A[k] @ B[k] over the
+        # reduction rows [s r_per_split, (s + 1) r_per_split) of R; fp32 C
+        pid = tl.program_id(0)
+        k = (pid % K).to(tl.int64)
+        r_start = (pid // K) * r_per_split
+        r_end = tl.minimum(r_start + r_per_split, R)
         offs_m = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(2).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_r = tl.arange(0, BLOCK_K)
+        offs_r = r_start + tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + k * stride_a_k + offs_m[:, None] * stride_a_m + offs_r[None, :] * stride_a_r
         b_ptrs = b_ptr + k * stride_b_k + offs_r[:, None] * stride_b_r + offs_n[None, :] * stride_b_n
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for r0 in range(0, R, BLOCK_K):
-            r_ok = offs_r + r0 < R
+        c_ptrs = c_ptr + pid.to(tl.int64) * stride_c_k + offs_m[:, None] * stride_c_m + offs_n[None, :] * stride_c_n
+        c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        if ACCUMULATE:  # start from C: no second accumulator-sized tile in registers
+            acc = tl.load(c_ptrs, mask=c_mask, other=0.0)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for r0 in range(r_start, r_end, BLOCK_K):
+            r_ok = offs_r + (r0 - r_start) < r_end
             a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & r_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=r_ok[:, None] & (offs_n[None, :] < N), other=0.0)
             acc += dot(a, b, DOT_PRECISION)
             a_ptrs += BLOCK_K * stride_a_r
             b_ptrs += BLOCK_K * stride_b_r
-        c_ptrs = c_ptr + k * stride_c_k + offs_m[:, None] * stride_c_m + offs_n[None, :] * stride_c_n
-        c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-        if ACCUMULATE:
-            acc += tl.load(c_ptrs, mask=c_mask, other=0.0)
         tl.store(c_ptrs, acc, mask=c_mask)
 
 
-def _tile(n: int, large: int) -> int:
-    """Tile edge for n rows or columns: ``large`` once n fills two of them, else 64 (the
-    smallest wgmma-friendly edge, 16 for tiny n)."""
-    if n >= 2 * large:
-        return large
-    return 64 if n > 32 else 16 if n <= 16 else 32
+def _edge(n: int, large: int) -> int:
+    """Tile edge for n rows or columns: ``large``, or the power of two covering n (>= 16)."""
+    return min(large, pow2(n))
+
+
+def _tiles(K: int, M: int, N: int, large_m: int = 128, large_n: int = 128) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of a K-batched M x N output: the large tiles when they make
+    MIN_PROGRAMS programs, else 64-edged ones, which fill the SMs at MA-AVT's K12 B256."""
+    bm, bn = _edge(M, large_m), _edge(N, large_n)
+    if K * triton.cdiv(M, bm) * triton.cdiv(N, bn) >= MIN_PROGRAMS:
+        return bm, bn
+    return _edge(M, 64), _edge(N, 64)
+
+
+def _wide_edge(z: Tensor) -> int:
+    """The long tile edge of the panel GEMMs: 256 for 16-bit operands (128 x 256 tiles: 85
+    FLOP per L2 byte against 64 at 128 x 128), 128 for fp32, which spills at 256."""
+    return 256 if z.element_size() == 2 else 128
+
+
+def _warps(block_m: int, block_n: int) -> int:
+    return 8 if block_m * block_n >= 128 * 128 else 4
 
 
 def _fwd_config(K: int, Br: int, Bc: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, splits, num_warps): 128 x 128 tiles for large batches, and
-    column splits until the launch has MIN_PROGRAMS programs (or one column tile each)."""
-    block_m, block_n = _tile(Br, 128), _tile(Bc, 128)
+    """(BLOCK_M, BLOCK_N, BLOCK_K, splits, num_warps): tiles as ``_tiles``, and column
+    splits until the launch has MIN_PROGRAMS programs (or one column tile each)."""
+    block_m, block_n = _tiles(K, Br, Bc)
     col_tiles = triton.cdiv(Bc, block_n)
     programs = K * triton.cdiv(Br, block_m)
     splits = max(1, min(col_tiles, triton.cdiv(MIN_PROGRAMS, programs)))
-    num_warps = 8 if block_m * block_n >= 128 * 128 else 4
-    return block_m, block_n, 64, splits, num_warps
+    return block_m, block_n, 64, splits, _warps(block_m, block_n)
 
 
 def _row_rinv(z: Tensor) -> Tensor:
     """1 / max(|z_kb|, eps) per row, float32 (K, B): one read of z, no fp32 copy of it."""
     norm = torch.linalg.vector_norm(z, dim=-1, dtype=torch.float32)
     return 1.0 / norm.clamp_min(NORM_EPS)
+
+
+def _shifted_diag(
+    z_row: Tensor, z_col: Tensor, rinv_row: Tensor, rinv_col: Tensor,
+    valid_row: Tensor | None, valid_col: Tensor | None, tau: float, shift: int,
+) -> Tensor:
+    """diag (K, Br) = S[i, i + shift], 0 where that column is out of range or invalid: one
+    row-wise dot product per row (O(B d)), accumulated in fp32 as the kernels' dots."""
+    Br, Bc = z_row.shape[1], z_col.shape[1]
+    cols = torch.arange(Br, device=z_row.device) + shift
+    ok = (cols >= 0) & (cols < Bc)
+    safe = cols.clamp(0, Bc - 1)
+    dots = torch.linalg.vecdot(z_row.float(), z_col[:, safe].float())
+    s = dots * rinv_row * rinv_col[:, safe] / tau
+    if valid_row is not None:
+        ok = ok & valid_row
+    if valid_col is not None:
+        ok = ok & valid_col[safe]
+    return torch.where(ok, s, 0.0)
 
 
 def _valid_arg(valid: Tensor | None) -> Tensor | None:
@@ -220,16 +255,16 @@ def cosine_lse_fwd(
     cols_per_split = triton.cdiv(triton.cdiv(Bc, block_n), splits) * block_n
     splits = triton.cdiv(Bc, cols_per_split)
     dev = z_row.device
+    rinv_row, rinv_col = _row_rinv(z_row), _row_rinv(z_col)
     m_part = torch.empty(splits, K, Br, device=dev, dtype=torch.float32)
     l_part = torch.empty(splits, K, Br, device=dev, dtype=torch.float32)
-    diag_part = torch.empty(splits, K, Br, device=dev, dtype=torch.float32)
     colsum = torch.zeros(K, Bc if col_lse else 1, device=dev, dtype=torch.float64)
     with on_device(z_row):
         _cosine_lse_fwd_kernel[(K, triton.cdiv(Br, block_m), splits)](
             z_row, *z_row.stride(), z_col, *z_col.stride(),
-            _row_rinv(z_row), _row_rinv(z_col), _valid_arg(valid_row), _valid_arg(valid_col),
-            m_part, l_part, diag_part, colsum,
-            K, Br, Bc, D, 1.0 / tau, row_offset, cols_per_split,
+            rinv_row, rinv_col, _valid_arg(valid_row), _valid_arg(valid_col),
+            m_part, l_part, colsum,
+            K, Br, Bc, D, 1.0 / tau, cols_per_split,
             HAS_VALID_X=valid_row is not None, HAS_VALID_Y=valid_col is not None, WITH_COL=col_lse,
             DOT_PRECISION=dot_precision(z_row), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
             num_warps=num_warps, num_stages=3,
@@ -242,7 +277,7 @@ def cosine_lse_fwd(
         lse_col = torch.where(colsum > 0, colsum.log() + 1.0 / tau, 0.0).float()
     else:
         lse_col = torch.zeros(K, Bc, device=dev, dtype=torch.float32)
-    return lse_row, lse_col, diag_part.sum(0)
+    return lse_row, lse_col, _shifted_diag(z_row, z_col, rinv_row, rinv_col, valid_row, valid_col, tau, row_offset)
 
 
 def _panel_rows(K: int, Br: int, Bc: int, D: int, block_m: int) -> int:
@@ -254,16 +289,50 @@ def _panel_rows(K: int, Br: int, Bc: int, D: int, block_m: int) -> int:
     return max(block_m, budget // (K * Bc) // block_m * block_m)
 
 
+SPLIT_K_MIN = 1024  # reduction rows per split of a split-K panel GEMM
+
+
+def _split_k(tiles: int, R: int, sms: int) -> int:
+    """Reduction splits for ``tiles`` output tiles: at least MIN_PROGRAMS programs, at most
+    one split per SPLIT_K_MIN rows, and the count that best fills the last wave on ``sms``."""
+    most = max(1, R // SPLIT_K_MIN)
+    least = min(most, triton.cdiv(MIN_PROGRAMS, tiles))
+    if least == 1:
+        return 1
+
+    def fill(s: int) -> float:
+        return tiles * s / (triton.cdiv(tiles * s, sms) * sms)
+
+    return max(range(least, min(most, 2 * least) + 1), key=lambda s: (fill(s), -s))
+
+
 def _matmul(a: Tensor, b: Tensor, c: Tensor, accumulate: bool, precision: str) -> None:
-    """c (K, M, N) fp32 (+)= a (K, M, R) @ b (K, R, N), any strides."""
+    """c (K, M, N) fp32 (+)= a (K, M, R) @ b (K, R, N), any strides. 128 x 256 tiles for
+    large outputs; a long reduction over few output tiles is split (split-K) into fp32
+    partials summed here, in a fixed order."""
     K, M, R = a.shape
     N = b.shape[2]
-    block_m, block_n = _tile(M, 128), _tile(N, 128)
-    _panel_matmul_kernel[(K, triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
-        a, *a.stride(), b, *b.stride(), c, *c.stride(), M, N, R,
-        ACCUMULATE=accumulate, DOT_PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64,
-        num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=3,
+    block_m, block_n = _edge(M, 128), _edge(N, _wide_edge(a))
+    tiles = K * triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    splits = _split_k(tiles, R, sm_count(a))
+    if tiles * splits < MIN_PROGRAMS:  # neither large tiles nor a long reduction: smaller tiles
+        block_m, block_n = _tiles(K, M, N)
+        splits = 1
+    r_per_split = triton.cdiv(triton.cdiv(R, splits), 64) * 64
+    splits = triton.cdiv(R, r_per_split)
+    out = c if splits == 1 else torch.empty(splits * K, M, N, device=c.device, dtype=torch.float32)
+    _panel_matmul_kernel[(splits * K, triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
+        a, *a.stride(), b, *b.stride(), out, *out.stride(), K, M, N, R, r_per_split,
+        ACCUMULATE=accumulate and splits == 1, DOT_PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, num_warps=_warps(block_m, block_n),
+        num_stages=2 if accumulate and block_n > 128 else 3,  # 3 stages + the loaded C tile spill
     )
+    if splits > 1:
+        total = out.view(splits, K, M, N).sum(0)
+        if accumulate:
+            c += total
+        else:
+            c.copy_(total)
 
 
 def _normalize_backward(z: Tensor, rinv: Tensor, d_unit: Tensor) -> Tensor:
@@ -288,7 +357,7 @@ def cosine_lse_bwd(
     unit_col = (z_col.float() * rinv_col[..., None]).to(z_col.dtype)
     d_unit_row = torch.empty(K, Br, D, device=dev, dtype=torch.float32)
     d_unit_col = torch.empty(K, Bc, D, device=dev, dtype=torch.float32)
-    block_m, block_n = _tile(Br, 128), _tile(Bc, 128)
+    block_m, block_n = _tiles(K, Br, Bc)  # 128 x 256 spills (softmax terms beside the tile)
     panel = _panel_rows(K, Br, Bc, D, block_m)
     ds = torch.empty(K, panel, Bc, device=dev, dtype=z_row.dtype)
     valid_x, valid_y = _valid_arg(valid_row), _valid_arg(valid_col)
@@ -301,7 +370,7 @@ def cosine_lse_bwd(
                 row0, rows, Br, Bc, D, 1.0 / tau, row_offset,
                 HAS_VALID_X=valid_row is not None, HAS_VALID_Y=valid_col is not None, HAS_Y_TERM=col_lse,
                 DOT_PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64,
-                num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=3,
+                num_warps=_warps(block_m, block_n), num_stages=3,
             )
             ds_panel = ds[:, :rows]
             _matmul(ds_panel, unit_col, d_unit_row[:, row0:row0 + rows], False, precision)

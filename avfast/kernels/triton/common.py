@@ -50,6 +50,16 @@ def pow2(n: int, floor: int = 16) -> int:
     return max(floor, 1 << (max(n, 1) - 1).bit_length())
 
 
+H100_SMS = 132  # the SM count launchers plan for off-GPU (interpreter, static gate)
+
+
+def sm_count(t: Tensor) -> int:
+    """Streaming multiprocessors of t's GPU (H100_SMS for CPU tensors)."""
+    if t.is_cuda:
+        return torch.cuda.get_device_properties(t.device).multi_processor_count
+    return H100_SMS
+
+
 def on_device(t: Tensor):
     """Context that makes t's GPU current: Triton launches on the current device."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
