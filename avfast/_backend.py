@@ -42,7 +42,7 @@ GPU_DISPATCH: dict[str, dict[str, tuple[str, ...]]] = {
 SIZE_LIMITS = {"triton": {"av_adapter_attention": ("r", ADAPTER_MAX_WIDTH)}}
 
 try:
-    from avfast import _C  # noqa: F401  (registers torch.ops.avfast_C)
+    from avfast import _C  # registers torch.ops.avfast_C
 
     _C_ERROR = None
 except ImportError as err:  # not built, or built against another torch

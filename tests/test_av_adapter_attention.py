@@ -189,3 +189,28 @@ def test_triton_plan_splits_the_streamed_tokens_for_few_frames():
     assert 20 * splits >= 132 and per_split % 32 == 0 and (splits - 1) * per_split < 197
     assert kernels._plan(640, 49, 197, 48, 2, 132)[4] == 1
     assert kernels._plan(2, 49, 197, 48, 4, 132)[4] > 1 and kernels._plan(3, 1, 1, 8, 4, 132)[4] == 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tf32", [False, True])
+def test_triton_fp32_with_and_without_tf32(device, tf32, monkeypatch):
+    """fp32 inputs on IEEE fp32 dots, or on TF32 when torch allows it: within the fp32
+    bound, or (TF32) the same bound with a 10-bit mantissa on the dot operands."""
+    skip_unless_available("triton", device, torch.float32)
+    monkeypatch.setenv("AVFAST_BACKEND", "triton")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    seed = fresh_seed()
+    h_a, h_v, g_a, g_v = make_inputs((2, 49, 197, 48), torch.float32, device, "frame")
+    douts = [torch.randn(h.shape, device=device, dtype=torch.float64) for h in (h_a, h_v)]
+    exact, exact_grads, _ = run(ref.av_adapter_attention_literal, h_a.double(), h_v.double(),
+                                g_a.double(), g_v.double(), None, douts)
+    plain, plain_grads, _ = run(ref.av_adapter_attention_literal, h_a, h_v, g_a, g_v, None, douts)
+    got, grads, _ = run(av_adapter_attention, h_a, h_v, g_a, g_v, None, douts)
+    score_max = (h_v.double() @ h_a.double().transpose(1, 2)).abs().max().item() * 48 ** -0.5
+    tf32_eps = 2.0 ** -10
+    for name, o, p, e in zip(["h_a'", "h_v'", "dh_a", "dh_v"], [*got, *grads[:2]], [*plain, *plain_grads[:2]],
+                             [*exact, *exact_grads[:2]]):
+        tol = tolerance(p, e, torch.float32, score_max)
+        if tf32:
+            tol += 8 * tf32_eps * (1 + score_max) * max(1.0, e.abs().max().item())
+        assert max_err(o, e) <= tol, f"seed {seed}: {name} err {max_err(o, e):.3g} > {tol:.3g}"

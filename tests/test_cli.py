@@ -19,7 +19,8 @@ def test_info_lists_every_backend_of_every_op():
 def test_info_prints_the_gpu_dispatch_table():
     from avfast import _backend
 
-    result = subprocess.run([sys.executable, "-m", "avfast", "info"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "avfast", "info"], capture_output=True, text=True, timeout=300,
+                            check=False)
     assert result.returncode == 0, result.stderr
     for op, by_dtype in _backend.GPU_DISPATCH.items():
         for dtype_name, order in by_dtype.items():

@@ -154,7 +154,7 @@ def cases() -> list[StaticCase]:
         (128, 16, 12, 19, 49, 16, False, "B128 F16 H12 Na19 Nv49 D16"),
         (8, 16, 12, 96, 196, 16, True, "masks + key splits B8"),
     ):
-        dims = dict(B=B, F=F, H=H, Na=Na, Nv=Nv, D=D, masked=masked)
+        dims = {"B": B, "F": F, "H": H, "Na": Na, "Nv": Nv, "D": D, "masked": masked}
         fl = 2 * B * H * F * (Na + Nv) * 2 * D
         out.append(StaticCase("av_pair_attention", name, dims, _run_pair, (fl, 2.5 * fl), fills=B >= 64))
     for K, B, d, variant, name, ratio in (
@@ -167,13 +167,13 @@ def cases() -> list[StaticCase]:
         (12, 256, 512, "gathered", "gathered rows (no column lse) K12 B256 d512", None),
     ):
         fl = 2 * K * B * B * d
-        out.append(StaticCase("cosine_lse", name, dict(K=K, B=B, d=d, variant=variant), _run_cosine,
+        out.append(StaticCase("cosine_lse", name, {"K": K, "B": B, "d": d, "variant": variant}, _run_cosine,
                               (fl, 3 * fl), max_floor_ratio=ratio))
     for N, La, Lv, r in ((20, 49, 197, 48), (40, 49, 197, 48), (160, 49, 197, 48), (640, 49, 197, 48),
                          (20, 64, 257, 64), (640, 64, 257, 64), (64, 257, 64, 64)):
         fl = 2 * 3 * N * La * Lv * r
         name = f"STG-CMA N{N} La{La} Lv{Lv} r{r}" if r == 48 else f"N{N} La{La} Lv{Lv} r{r}"
-        out.append(StaticCase("av_adapter_attention", name, dict(N=N, La=La, Lv=Lv, r=r), _run_adapter,
+        out.append(StaticCase("av_adapter_attention", name, {"N": N, "La": La, "Lv": Lv, "r": r}, _run_adapter,
                               (fl, 7 / 3 * fl)))
     return out
 
@@ -213,13 +213,13 @@ def work(kernel: str, a: dict, grid: tuple) -> dict:
         two_sided = c.get("WITH_COL", False) or c.get("HAS_Y_TERM", False)
         if "ds_ptr" in a:
             hbm += _esize(a["ds_ptr"]) * K * rows * a["By"]
-        return dict(flops=K * fl, exps=K * rows * a["By"] * (2 if two_sided else 1), hbm=hbm, l2=K * l2)
+        return {"flops": K * fl, "exps": K * rows * a["By"] * (2 if two_sided else 1), "hbm": hbm, "l2": K * l2}
     if kernel == "_panel_matmul_kernel":
         K, M, N, R = a["K"], a["M"], a["N"], a["R"]  # grid[0] is K x split-K splits
         es = _esize(a["a_ptr"])
         fl, l2 = _gemm_tiles(M, N, R, c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], es)
         hbm = K * (es * M * R + _esize(a["b_ptr"]) * R * N + 4 * M * N * (2 if c["ACCUMULATE"] else 1))
-        return dict(flops=K * fl, exps=0, hbm=hbm, l2=K * l2)
+        return {"flops": K * fl, "exps": 0, "hbm": hbm, "l2": K * l2}
     if kernel.startswith("_av_pair_attention"):
         H, F, Na, Nv, Dq, Dv = (a[k] for k in ("H", "F", "Na", "Nv", "Dq", "Dv"))
         B = grid[0] // H
@@ -233,7 +233,7 @@ def work(kernel: str, a: dict, grid: tuple) -> dict:
         passes = 1 if "fwd" in kernel else 2
         hbm = passes * (es * B * F * H * (Dq + Dv) + kv) + 4 * B * F * H * 2 * (Dv + 1) * a["num_splits"]
         l2 = grid[0] * grid[1] * (Na + Nv) * (Dq + Dv) * es * passes
-        return dict(flops=2 * rows * keys * per_key, exps=B * H * F * (Na + Nv), hbm=hbm, l2=l2)
+        return {"flops": 2 * rows * keys * per_key, "exps": B * H * F * (Na + Nv), "hbm": hbm, "l2": l2}
     if kernel.startswith("_av_adapter"):
         Lx, Ly, R = a["Lx"], a["Ly"], a["R"]
         N = a["N"] if "N" in a else grid[0]
@@ -246,7 +246,7 @@ def work(kernel: str, a: dict, grid: tuple) -> dict:
         hbm = (es * tok * R * (2 if "fwd" in kernel else 3)) + 4 * tok * (R + 1) * (2 if "fwd" in kernel else 1)
         programs = math.prod(grid)
         l2 = programs * (bx + y_rows * (2 if "bwd" in kernel else 1)) * br * es
-        return dict(flops=2 * mm * N * x_tiles * bx * y_rows * br, exps=2 * N * Lx * Ly, hbm=hbm, l2=l2)
+        return {"flops": 2 * mm * N * x_tiles * bx * y_rows * br, "exps": 2 * N * Lx * Ly, "hbm": hbm, "l2": l2}
     raise KeyError(f"no work model for kernel {kernel}")
 
 
@@ -316,10 +316,10 @@ def ptxas_usage(log: str) -> dict:
     """Registers, spills, stack of the first entry in a ptxas -v log."""
     regs = re.search(r"Used (\d+) registers", log)
     spill = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    return dict(regs=int(regs.group(1)) if regs else None,
-                stack=int(spill.group(1)) if spill else 0,
-                spill_stores=int(spill.group(2)) if spill else 0,
-                spill_loads=int(spill.group(3)) if spill else 0)
+    return {"regs": int(regs.group(1)) if regs else None,
+                "stack": int(spill.group(1)) if spill else 0,
+                "spill_stores": int(spill.group(2)) if spill else 0,
+                "spill_loads": int(spill.group(3)) if spill else 0}
 
 
 def sass_counts(sass: str) -> dict[str, dict[str, int]]:
@@ -368,7 +368,7 @@ def compile_for(src, options, target: str, workdir: Path) -> dict:
     stem.with_suffix(".ptx").write_text(compiled.asm["ptx"])
     stem.with_suffix(".cubin").write_bytes(compiled.asm["cubin"])
     ptxas = subprocess.run([_tool("ptxas"), "-v", f"-arch={arch}", str(stem.with_suffix(".ptx")),
-                            "-o", str(stem) + ".ptxas.cubin"], capture_output=True, text=True)
+                            "-o", str(stem) + ".ptxas.cubin"], capture_output=True, text=True, check=False)
     if ptxas.returncode:
         raise RuntimeError(f"ptxas failed: {ptxas.stderr.strip()[-800:]}")
     sass = subprocess.run([_tool("cuobjdump"), "-sass", str(stem.with_suffix(".cubin"))],
@@ -434,8 +434,8 @@ def _compile_job(job):
         try:
             src, options, _ = _bind(fn, args, kwargs, make_backend(GPUTarget("cuda", capability, 32)))
             out[target] = compile_for(src, options, target, Path(workdir))
-        except Exception as err:  # a compile error is a gate failure, reported per launch
-            out[target] = dict(error=f"{type(err).__name__}: {err}"[:1500])
+        except Exception as err:  # noqa: BLE001  (any compile error is a gate failure, reported per launch)
+            out[target] = {"error": f"{type(err).__name__}: {err}"[:1500]}
     return key, out
 
 
@@ -450,18 +450,18 @@ def triton_report(selected: Sequence[StaticCase], jobs: int, workdir: Path) -> l
         for dtype in DTYPES:
             try:
                 launches = _record(case, dtype)
-            except Exception as err:
-                rows.append(dict(op=case.op, case=case.name, dtype=dtype, kernel="(launcher)",
-                                 error=f"{type(err).__name__}: {err}"))
+            except Exception as err:  # noqa: BLE001  (a launcher that refuses a case fails the gate)
+                rows.append({"op": case.op, "case": case.name, "dtype": dtype, "kernel": "(launcher)",
+                                 "error": f"{type(err).__name__}: {err}"})
                 continue
             for index, (fn, grid, args, kwargs) in enumerate(launches):
                 src, options, named = _bind(fn, args, kwargs, backend90)
                 key = f"{fn.__name__}:{src.hash()}:{options.hash()}"
                 unique.setdefault(key, (key, case.name, dtype, index, str(workdir)))
-                rows.append(dict(op=case.op, case=case.name, dtype=dtype, kernel=fn.__name__, grid=list(grid),
-                                 programs=math.prod(grid), key=key,
-                                 constexprs={k: v for k, v in named.items() if k.isupper()},
-                                 work=work(fn.__name__, named, grid)))
+                rows.append({"op": case.op, "case": case.name, "dtype": dtype, "kernel": fn.__name__, "grid": list(grid),
+                                 "programs": math.prod(grid), "key": key,
+                                 "constexprs": {k: v for k, v in named.items() if k.isupper()},
+                                 "work": work(fn.__name__, named, grid)})
     compiled = {}
     spawn = multiprocessing.get_context("spawn")  # fork after torch's thread pools can deadlock
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=spawn) as pool:
@@ -490,9 +490,9 @@ def case_summaries(selected: Sequence[StaticCase], rows: list[dict]) -> list[dic
                 else GPUS["sm_90"].fma
             floor_us = sum(case.flops) / peak * 1e6
             bound_us = sum(r["sm_90"]["bound_us"] for r in mine)
-            out.append(dict(op=case.op, case=case.name, dtype=dtype, launches=len(mine),
-                            bound_us=round(bound_us, 1), gemm_floor_us=round(floor_us, 1),
-                            floor_ratio=round(bound_us / floor_us, 2), max_floor_ratio=case.max_floor_ratio))
+            out.append({"op": case.op, "case": case.name, "dtype": dtype, "launches": len(mine),
+                            "bound_us": round(bound_us, 1), "gemm_floor_us": round(floor_us, 1),
+                            "floor_ratio": round(bound_us / floor_us, 2), "max_floor_ratio": case.max_floor_ratio})
     return out
 
 
@@ -504,7 +504,7 @@ def cuda_report(workdir: Path) -> dict:
     cuda_home = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
     nvcc = cuda_home / "bin" / "nvcc"
     if not nvcc.exists():
-        return dict(skipped=f"no nvcc at {nvcc} (set CUDA_HOME)")
+        return {"skipped": f"no nvcc at {nvcc} (set CUDA_HOME)"}
     from torch.utils.cpp_extension import include_paths
 
     site = Path(_torch().__file__).parent.parent
@@ -519,9 +519,9 @@ def cuda_report(workdir: Path) -> dict:
     for cu in sources:
         cubin = workdir / (Path(cu).stem + ".cubin")
         res = subprocess.run([str(nvcc), *flags, *[f"-I{p}" for p in includes], cu, "-o", str(cubin)],
-                             capture_output=True, text=True)
+                             capture_output=True, text=True, check=False)
         if res.returncode:
-            kernels[Path(cu).name] = dict(error=res.stderr.strip()[-1500:])
+            kernels[Path(cu).name] = {"error": res.stderr.strip()[-1500:]}
             continue
         usage, current = {}, None
         for line in (res.stdout + res.stderr).splitlines():
@@ -582,10 +582,10 @@ def _blocks(cx: dict) -> str:
 
 def markdown(rows, summaries, cuda, failures, meta) -> str:
     lines = [f"# Static GPU fitness ({meta['triton']}, {meta['torch']})", "",
-             "Compiled without a GPU by `avfast bench static` (avfast/bench/static.py): grids and "
-             "constexprs are the launchers' own; registers and spills from ptxas -v; tensor cores from "
-             "the SASS. Bounds: max(HBM, L2, math, exp) over the model rates, divided by the last "
-             "wave's fill; rates in `GPUS` (assumptions, not measurements).", "",
+             ("Compiled without a GPU by `avfast bench static` (avfast/bench/static.py): grids and "
+              "constexprs are the launchers' own; registers and spills from ptxas -v; tensor cores from "
+              "the SASS. Bounds: max(HBM, L2, math, exp) over the model rates, divided by the last "
+              "wave's fill; rates in `GPUS` (assumptions, not measurements)."), "",
              f"Gate: {'PASS' if not failures else 'FAIL'}", ""]
     lines += [f"- {f}" for f in failures]
     lines += ["", "## Case bounds against the GEMM floor (sm_90, H100 model)", "",
@@ -597,8 +597,8 @@ def markdown(rows, summaries, cuda, failures, meta) -> str:
     for target in TARGETS:
         gpu = GPUS[target]
         lines += ["", f"## Triton launches, {target} ({gpu.name} model, {gpu.sms} SMs)", "",
-                  "op | case | dtype | kernel | blocks | warps/stages | smem | regs | spill st/ld | tensor cores "
-                  "(SASS) | programs | CTA/SM | SM waves | bound (us)",
+                  ("op | case | dtype | kernel | blocks | warps/stages | smem | regs | spill st/ld | tensor cores "
+                   "(SASS) | programs | CTA/SM | SM waves | bound (us)"),
                   " | ".join(["---"] * 14)]
         for r in rows:
             c = r.get(target)
@@ -658,11 +658,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.keep is None:
             shutil.rmtree(workdir, ignore_errors=True)
     failures = gate(selected, rows, summaries, cuda)
-    meta = dict(triton=f"triton {triton.__version__}", torch=f"torch {torch.__version__}",
-                gpus={k: dataclasses.asdict(v) for k, v in GPUS.items()}, seconds=round(time.time() - started, 1))
+    meta = {"triton": f"triton {triton.__version__}", "torch": f"torch {torch.__version__}",
+                "gpus": {k: dataclasses.asdict(v) for k, v in GPUS.items()}, "seconds": round(time.time() - started, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "static.json").write_text(json.dumps(
-        dict(meta=meta, failures=failures, cases=summaries, launches=rows, cuda=cuda), indent=1, default=str))
+        {"meta": meta, "failures": failures, "cases": summaries, "launches": rows, "cuda": cuda}, indent=1, default=str))
     (args.out / "static.md").write_text(markdown(rows, summaries, cuda, failures, meta))
     print(markdown(rows, summaries, cuda, failures, meta).split("\n## Triton")[0])
     print(f"wrote {args.out}/static.json and static.md in {meta['seconds']} s")

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from avfast.kernels.triton import has_triton
-from avfast.kernels.triton.common import on_device, pow2, dot_precision
+from avfast.kernels.triton.common import dot_precision, on_device, pow2
 
 if has_triton():
     import triton
