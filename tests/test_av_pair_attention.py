@@ -315,3 +315,32 @@ def test_cuda_kernels_host_execution_is_race_free(monkeypatch):
         results.append((out, o_half, lse, *grads))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tf32", [False, True])
+def test_triton_fp32_with_and_without_tf32(device, tf32, monkeypatch):
+    """fp32 inputs on IEEE fp32 dots, or on TF32 when torch allows it: the fp32 bound, or
+    (TF32) that bound plus 10-bit-mantissa roundings of the operands, which the softmax
+    turns into a relative error growing with the largest score."""
+    skip_unless_available("triton", device, torch.float32)
+    monkeypatch.setenv("AVFAST_BACKEND", "triton")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    seed = fresh_seed()
+    inputs, extra = make_inputs(SHAPES[1], torch.float32, device, strided=True, masks=True)
+    inputs64, extra64 = as_float64(inputs, extra)
+    out64, leaves64, _ = run_with_grads(ref.av_pair_attention_literal, inputs64, extra64)
+    out_pt, leaves_pt, _ = run_with_grads(ref.av_pair_attention_literal, inputs, extra)
+    out, leaves, _ = run_with_grads(av_pair_attention, inputs, extra)
+    q, k_a, _, k_v, _ = inputs64
+    score_max = extra["scale"] * max(torch.einsum("bfhd,bnhd->bhfn", q, k).abs().max().item() for k in (k_a, k_v))
+    dout = torch.randn_like(out64)
+    for o, d in ((out64, dout), (out_pt, dout.float()), (out, dout.float())):
+        o.backward(d)
+    checks = [("out", out, out_pt, out64)] + [(f"grad {n}", x.grad, x_pt.grad, x64.grad) for n, x, x_pt, x64 in
+                                              zip(["q", "k_a", "v_a", "k_v", "v_v"], leaves, leaves_pt, leaves64)]
+    for name, got, plain, exact in checks:
+        tol = tolerance(plain, exact, torch.float32)
+        if tf32:
+            tol += 8 * 2.0 ** -10 * (1 + score_max) * max(1.0, exact.abs().max().item())
+        assert max_err(got, exact) <= tol, f"seed {seed}: {name} err {max_err(got, exact):.3g} > {tol:.3g}"
