@@ -193,6 +193,25 @@ class _GridSpy:
         return self.kernel[grid]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tau", [0.025, 0.0249])
+def test_triton_scores_at_the_far_end_of_their_range(device, tau, monkeypatch):
+    """All rows parallel and all columns anti-parallel to them: every score is -1/tau, the
+    far end of the span 2/tau, where tau = 0.025 takes the bound-relative fp32 path
+    (exp(-80) is still normal) and 0.0249 the running maxima; both give the reference."""
+    from avfast.kernels.triton import blockwise_infonce as kernels
+
+    skip_unless_available("triton", device, torch.float32)
+    monkeypatch.setenv("AVFAST_BACKEND", "triton")
+    assert (2 / tau <= kernels.BOUND_REF_RANGE) == (tau == 0.025)
+    seed = fresh_seed()
+    direction = torch.randn(1, 1, 16, device=device)
+    z_row = direction + 1e-4 * torch.randn(1, 20, 16, device=device)
+    z_col = -direction + 1e-4 * torch.randn(1, 23, 16, device=device)
+    kw = dict(tau=tau, valid_row=None, valid_col=None, row_offset=0, col_lse=True)
+    check_cosine_lse(z_row, z_col, kw, torch.float32, seed)
+
+
 def test_dot_precision_follows_torch_tf32_setting(monkeypatch):
     """fp32 inputs: TF32 exactly when torch allows it (allow_tf32, fp32_precision or
     float32_matmul_precision), IEEE otherwise; 16-bit inputs use the native dot."""

@@ -7,9 +7,13 @@ fp32, then the row norms (computed once, up front) scale it. Nothing of size Bx 
 kept beyond one panel of the backward (bounded by ``PANEL_ELEMENTS``): memory O(B d).
 
 Forward: programs (block k, row tile, column split) stream their columns once and write
-partial row log-sum-exps (merged over splits by the launcher) and column sums that meet in a float64 buffer through atomic adds, each term taken relative
-to the bound S <= 1/tau, which float64 holds without underflow for tau >= 0.003. The shifted
-diagonal S[i, i + shift] is a row-wise dot product, computed by the launcher.
+partial row log-sum-exps (merged over splits by the launcher) and column sums that meet in
+a float64 buffer through atomic adds, each term taken relative to the bound S <= 1/tau,
+which float64 holds without underflow for tau >= 0.003. Where scores span at most 80
+(tau >= 0.025, MA-AVT's 0.07 included) every exp(S - 1/tau) is a normal fp32, so rows and
+columns share one exp per score and no running maxima (BOUND_REF); otherwise rows keep an
+online softmax and columns a per-tile maximum. The shifted diagonal S[i, i + shift] is a
+row-wise dot product, computed by the launcher.
 
 Backward, with P_ij = exp(S_ij - lse_x_i), Q_ij = exp(S_ij - lse_y_j) over valid pairs:
   dS_ij = (g_x_i P_ij + g_y_j Q_ij + g_diag_i [j == i + shift]) / tau
@@ -29,6 +33,7 @@ from avfast.kernels.triton.common import dot_precision, on_device, pow2, sm_coun
 
 NORM_EPS = 1e-12  # as F.normalize
 PANEL_ELEMENTS = 1 << 25  # dS panel budget (elements) beyond the O(B d) floor of the backward
+BOUND_REF_RANGE = 80.0  # scores span 2/tau; past e^-80 (tau < 0.025) fp32 needs running maxima
 MIN_PROGRAMS = 264  # two waves on 132 SMs: split columns until a forward launch has this many
 
 if has_triton():
@@ -71,7 +76,7 @@ if has_triton():
         rinv_x_ptr, rinv_y_ptr, valid_x_ptr, valid_y_ptr,
         m_part_ptr, l_part_ptr, colsum_ptr,
         K, Bx, By, D, inv_tau, cols_per_split,
-        HAS_VALID_X: tl.constexpr, HAS_VALID_Y: tl.constexpr, WITH_COL: tl.constexpr,
+        HAS_VALID_X: tl.constexpr, HAS_VALID_Y: tl.constexpr, WITH_COL: tl.constexpr, BOUND_REF: tl.constexpr,
         DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         # program (block k, tile of BLOCK_M rows, split of cols_per_split columns)
@@ -91,17 +96,26 @@ if has_triton():
                         k, offs_m, offs_n, Bx, By, D, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
             pair_ok = m_ok[:, None] & n_ok[None, :]
             s = tl.where(pair_ok, s * (rinv_x[:, None] * rinv_y[None, :] * inv_tau), float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l = l * tl.exp(m - m_ref) + tl.sum(tl.exp(s - m_ref[:, None]), 1)
-            m = m_new
-            if WITH_COL:
-                c_max = tl.max(s, 0)  # (BLOCK_N,)
-                c_ref = tl.where(c_max == float("-inf"), 0.0, c_max)
-                c_sum = tl.sum(tl.exp(s - c_ref[None, :]), 0)
-                # relative to the bound 1/tau: c_sum * exp(c_ref - 1/tau), in float64
-                term = c_sum.to(tl.float64) * tl.exp(c_ref.to(tl.float64) - inv_tau)
+            if BOUND_REF:  # every exp(s - 1/tau) >= exp(-2/tau) is a normal fp32: no maxima
+                e = tl.exp(s - inv_tau)
+                l += tl.sum(e, 1)
+                if WITH_COL:
+                    c_sum = tl.sum(e, 0)
+                    term = c_sum.to(tl.float64)
+            else:
+                m_new = tl.maximum(m, tl.max(s, 1))
+                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+                l = l * tl.exp(m - m_ref) + tl.sum(tl.exp(s - m_ref[:, None]), 1)
+                m = m_new
+                if WITH_COL:
+                    c_max = tl.max(s, 0)  # (BLOCK_N,)
+                    c_ref = tl.where(c_max == float("-inf"), 0.0, c_max)
+                    c_sum = tl.sum(tl.exp(s - c_ref[None, :]), 0)
+                    term = c_sum.to(tl.float64) * tl.exp(c_ref.to(tl.float64) - inv_tau)
+            if WITH_COL:  # column sums relative to the bound 1/tau, added up in float64
                 tl.atomic_add(colsum_ptr + k * By + offs_n, term, mask=n_ok & (c_sum > 0))
+        if BOUND_REF:
+            m = tl.where(l > 0, inv_tau, float("-inf"))
         out = (split * K + k) * Bx + offs_m
         tl.store(m_part_ptr + out, m, mask=offs_m < Bx)
         tl.store(l_part_ptr + out, l, mask=offs_m < Bx)
@@ -205,14 +219,17 @@ def _warps(block_m: int, block_n: int) -> int:
     return 8 if block_m * block_n >= 128 * 128 else 4
 
 
-def _fwd_config(K: int, Br: int, Bc: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, splits, num_warps): tiles as ``_tiles``, and column
-    splits until the launch has MIN_PROGRAMS programs (or one column tile each)."""
-    block_m, block_n = _tiles(K, Br, Bc)
+def _fwd_config(K: int, Br: int, Bc: int, bound_ref: bool, element_size: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, splits, num_warps): tiles as ``_tiles`` (256 x 128 with
+    32-wide k steps for 16-bit inputs on the BOUND_REF path, the largest that does not
+    spill there: 85 FLOP per L2 byte against 64 at 128 x 128), and column splits until the
+    launch has MIN_PROGRAMS programs (or one column tile each)."""
+    tall = bound_ref and element_size == 2
+    block_m, block_n = _tiles(K, Br, Bc, 256 if tall else 128, 128)
     col_tiles = triton.cdiv(Bc, block_n)
     programs = K * triton.cdiv(Br, block_m)
     splits = max(1, min(col_tiles, triton.cdiv(MIN_PROGRAMS, programs)))
-    return block_m, block_n, 64, splits, _warps(block_m, block_n)
+    return block_m, block_n, 32 if block_m > 128 else 64, splits, _warps(block_m, block_n)
 
 
 def _row_rinv(z: Tensor) -> Tensor:
@@ -251,7 +268,8 @@ def cosine_lse_fwd(
     """Forward launcher: (lse_row (K, Br), lse_col (K, Bc), diag (K, Br)), float32."""
     K, Br, D = z_row.shape
     Bc = z_col.shape[1]
-    block_m, block_n, block_k, splits, num_warps = _fwd_config(K, Br, Bc)
+    bound_ref = 2.0 / tau <= BOUND_REF_RANGE
+    block_m, block_n, block_k, splits, num_warps = _fwd_config(K, Br, Bc, bound_ref, z_row.element_size())
     cols_per_split = triton.cdiv(triton.cdiv(Bc, block_n), splits) * block_n
     splits = triton.cdiv(Bc, cols_per_split)
     dev = z_row.device
@@ -266,7 +284,7 @@ def cosine_lse_fwd(
             m_part, l_part, colsum,
             K, Br, Bc, D, 1.0 / tau, cols_per_split,
             HAS_VALID_X=valid_row is not None, HAS_VALID_Y=valid_col is not None, WITH_COL=col_lse,
-            DOT_PRECISION=dot_precision(z_row), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            BOUND_REF=bound_ref, DOT_PRECISION=dot_precision(z_row), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
             num_warps=num_warps, num_stages=3,
         )
     m_max = m_part.amax(0)
