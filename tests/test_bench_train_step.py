@@ -23,3 +23,13 @@ def test_cases_cover_every_method_at_upstream_sizes():
     assert {c.size for c in train_step.GPU_CASES if c.method == "stgcma"} == {"base", "large"}
     assert {dict(c.overrides).get("fusion_arch") for c in train_step.GPU_CASES
             if c.method == "deepavfusion"} == {"dense", "factorized"}
+
+
+def test_quick_cpu_default_leaves_out_the_compiled_providers(tmp_path, capsys):
+    """`avfast bench train-step --quick` on a CPU must stay quick: torch.compile of four
+    models on the CPU took minutes, so the default providers there are the eager ones."""
+    code = train_step.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--cases", "mavt"])
+    payload = json.loads((tmp_path / "train_step.json").read_text())
+    assert code == 0 and {r["provider"] for r in payload["rows"]} == {"upstream_eager", "avfast"}
+    out = capsys.readouterr().out
+    assert "the compiled providers are left out" in out and "elapsed " in out

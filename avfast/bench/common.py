@@ -857,7 +857,9 @@ def build_payload(run: BenchRun, check_result: dict[str, Any], case_list: Sequen
 def bench_main(parser, run: Callable[..., dict[str, Any]], argv: Sequence[str] | None, extra: Sequence[str] = ()) -> int:
     """Parses ``argv`` with a ``bench_parser`` and calls ``run``; 1 when the check fails."""
     args = parser.parse_args(list(argv) if argv is not None else None)
+    started = time.perf_counter()
     payload = run(device=args.device, dtype=args.dtype, quick=args.quick, out_dir=args.out,
                   providers=split_list(args.providers), cases=split_list(args.cases),
                   **{k: getattr(args, k) for k in extra})
+    print(f"elapsed {time.perf_counter() - started:.1f} s")
     return 0 if payload["check"]["passed"] else 1

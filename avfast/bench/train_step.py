@@ -175,6 +175,11 @@ def run(device=None, dtype=None, quick=False, out_dir=None, providers=None, case
                                "is left out (the same for every provider)."], cpu_detail="models on the CPU")
     chosen = keep_cases(QUICK_CASES if quick else GPU_CASES, cases)
     names = providers or list(PROVIDERS)
+    if quick and bench.device.type == "cpu" and not providers:  # torch.compile on CPU takes minutes
+        names = [n for n in names if not n.endswith("_compiled")]
+        note = "--quick on CPU: the compiled providers are left out (--providers names them)."
+        bench.notes.append(note)
+        print("NOTE: " + note)
     check_result = check(bench.device)
     case_list, results = run_cases(bench, [partial(_run_case, c, names, bench) for c in chosen])
     payload = build_payload(bench, check_result, case_list, results, PROVIDERS)
