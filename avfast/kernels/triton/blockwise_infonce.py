@@ -248,7 +248,8 @@ def _shifted_diag(
     cols = torch.arange(Br, device=z_row.device) + shift
     ok = (cols >= 0) & (cols < Bc)
     safe = cols.clamp(0, Bc - 1)
-    dots = torch.linalg.vecdot(z_row.float(), z_col[:, safe].float())
+    # one block at a time: fp32 copies of one (B, d) pair, not of all K
+    dots = torch.stack([torch.linalg.vecdot(zr.float(), zc[safe].float()) for zr, zc in zip(z_row, z_col)])
     s = dots * rinv_row * rinv_col[:, safe] / tau
     if valid_row is not None:
         ok = ok & valid_row
