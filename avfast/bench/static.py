@@ -28,6 +28,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import glob
 import json
 import math
@@ -419,14 +420,20 @@ def _record(case: StaticCase, dtype: str) -> list[tuple]:
     return sink
 
 
+@functools.lru_cache(maxsize=2)
+def _recorded(case_name: str, dtype: str) -> list[tuple]:
+    """A worker's recording of one case, kept for the next launches of that case (a worker
+    gets many launches of one case in a row)."""
+    return _record(next(c for c in cases() if c.name == case_name), dtype)
+
+
 def _compile_job(job):
     """Worker: record the case again and compile its launch ``index`` for every target."""
     key, case_name, dtype, index, workdir = job
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
 
-    case = next(c for c in cases() if c.name == case_name)
-    fn, _, args, kwargs = _record(case, dtype)[index]
+    fn, _, args, kwargs = _recorded(case_name, dtype)[index]
     out = {}
     for target, (capability, _) in TARGETS.items():
         try:
