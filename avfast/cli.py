@@ -213,7 +213,9 @@ def _add_train_commands(sub) -> dict[str, argparse.ArgumentParser]:
         p.add_argument("--workers", type=int, default=4, help="CPU loader workers per process")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--pretrained", help="a local upstream checkpoint file")
-        p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+        p.add_argument("--resume", nargs="?", const="last", choices=("last", "auto"),
+                       help="continue from OUT/last.pt (an unreadable one is an error); --resume auto: "
+                            "from last.pt, else last.pt.prev (said in the log), else from scratch")
         p.add_argument("--checkpoint-every", type=int, help="also save every N steps")
         p.add_argument("--log-every", type=int, default=10)
         p.add_argument("--device", help="cpu, cuda, cuda:1 (default: LOCAL_RANK's GPU, else cpu)")
@@ -248,7 +250,7 @@ def train(args: argparse.Namespace) -> int:
                       lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                       background_p=args.background_p, compile=args.compile, amp=not args.no_amp,
                       loader=args.loader, workers=args.workers, seed=args.seed, pretrained=args.pretrained,
-                      pretrain=args.command == "pretrain", resume=args.resume,
+                      pretrain=args.command == "pretrain", resume=args.resume or False,
                       checkpoint_every=args.checkpoint_every, log_every=args.log_every,
                       progress=not args.quiet, device=args.device, model_overrides=dict(args.overrides))
     try:

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import socket
 
 import numpy as np
@@ -14,7 +15,7 @@ from torch import nn
 from avfast.data.synthetic import make_dataset
 from avfast.models.base import AVModel
 from avfast.train import loop
-from avfast.train.checkpoint import load_checkpoint, save_checkpoint
+from avfast.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_state
 from avfast.train.loop import Trainer, TrainConfig, split_manifest
 
 SEED = int(np.random.SeedSequence().entropy % 2**31)
@@ -142,8 +143,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     save_checkpoint(path, step=1)
 
     def broken(obj, f):
-        with open(f, "wb") as out:
-            out.write(b"partial")
+        f.write(b"partial")
         raise OSError("disk full")
 
     with monkeypatch.context() as m:
@@ -152,9 +152,70 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
             save_checkpoint(path, step=2)
     assert load_checkpoint(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
-    with pytest.raises(ValueError, match="checkpoint: expected format 'avfast-checkpoint-1'"):
+    save_checkpoint(path, step=3)
+    assert load_checkpoint(path)["step"] == 3 and load_checkpoint(tmp_path / "last.pt.prev")["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "last.pt.prev"]
+    with pytest.raises(CheckpointError, match="checkpoint: expected format 'avfast-checkpoint-1'"):
         torch.save({"state_dict": {}}, tmp_path / "up.pt")
         load_checkpoint(tmp_path / "up.pt")
+
+
+def test_checkpoints_hold_only_tensors_and_plain_values(clips, tmp_path):
+    """Every checkpoint a run writes loads with weights_only=True, and its generator states
+    restore every generator exactly."""
+    import random
+
+    trainer = Trainer(config(clips, tmp_path, epochs=1, checkpoint_every=1))
+    trainer.fit()
+    for name in ("last.pt", "last.pt.prev", "best.pt"):
+        torch.load(tmp_path / name, weights_only=True)
+    set_rng_state(load_checkpoint(tmp_path / "last.pt")["rng"])
+    draws = random.random(), np.random.rand(), torch.rand(1).item()
+    set_rng_state(load_checkpoint(tmp_path / "last.pt")["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == draws
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_unreadable_checkpoint_is_an_error_naming_the_file(clips, tmp_path, damage):
+    Trainer(config(clips, tmp_path, epochs=1)).fit()
+    last = tmp_path / "last.pt"
+    data = last.read_bytes()
+    last.write_bytes({"truncated": data[: len(data) // 2], "garbage": os.urandom(1000), "empty": b""}[damage])
+    with pytest.raises(CheckpointError, match=rf"checkpoint: '{re.escape(str(last))}' \(\d+ bytes\) cannot be read"):
+        Trainer(config(clips, tmp_path, epochs=2, resume=True))
+    with pytest.raises(CheckpointError, match=re.escape(str(last))):
+        loop.checkpoint_evaluator(str(last), clips, workers=0)
+
+
+def test_resume_auto_falls_back_to_the_previous_checkpoint(clips, tmp_path):
+    """A damaged last.pt: --resume auto continues from last.pt.prev, says so in the log,
+    keeps the damaged file as last.pt.corrupt, and ends with the uninterrupted run's weights."""
+    straight = Trainer(config(clips, tmp_path / "a", epochs=2, checkpoint_every=5))
+    straight.fit()
+    Trainer(config(clips, tmp_path / "b", epochs=2, checkpoint_every=5)).fit()  # then last.pt is damaged
+    last = tmp_path / "b" / "last.pt"
+    previous_step = load_checkpoint(tmp_path / "b" / "last.pt.prev")["step"]
+    assert previous_step < load_checkpoint(last)["step"] == straight.step
+    last.write_bytes(last.read_bytes()[:100])
+    resumed = Trainer(config(clips, tmp_path / "b", epochs=2, checkpoint_every=5, resume="auto"))
+    assert resumed.step == previous_step
+    assert (tmp_path / "b" / "last.pt.corrupt").is_file() and not last.exists()
+    resumed.fit()
+    records = [json.loads(line) for line in open(tmp_path / "b" / "log.jsonl")]
+    fallback = [r for r in records if r["event"] == "resume_fallback"]
+    assert len(fallback) == 1 and str(last) in fallback[0]["problem"]
+    assert [r["file"] for r in records if r["event"] == "resume"] == [str(tmp_path / "b" / "last.pt.prev")]
+    for (name, p), q in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_resume_auto_without_a_checkpoint_starts_afresh_and_removes_stale_temporaries(clips, tmp_path):
+    stale = tmp_path / ".last.pt.tmp-12345"
+    stale.write_bytes(b"half a checkpoint")
+    trainer = Trainer(config(clips, tmp_path, epochs=1, resume="auto"))
+    assert trainer.step == 0 and not stale.exists()
+    with pytest.raises(ValueError, match=r"resume: expected False, True, 'last' or 'auto', got 'newest'"):
+        Trainer(config(clips, tmp_path, epochs=1, resume="newest"))
 
 
 def _ddp_worker(rank, world, port, clips, out, method, queue):

@@ -49,7 +49,7 @@ def _check_av_adapter_attention(h_a, h_v, gate_a, gate_v, scale) -> None:
     _check_tokens("h_v", h_v, "(N, Lv, r)", (N, None, r), h_a)
     _check_gate("gate_a", gate_a, N, h_a)
     _check_gate("gate_v", gate_v, N, h_a)
-    if not isinstance(scale, (float, int)) or not math.isfinite(scale):
+    if isinstance(scale, bool) or not isinstance(scale, (float, int)) or not math.isfinite(scale):
         raise ValueError(f"{OP}: scale must be a finite float or None, got {scale!r}")
 
 

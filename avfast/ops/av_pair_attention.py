@@ -65,7 +65,7 @@ def _check_queries_keys(q, k_a, k_v, key_padding_mask_a, key_padding_mask_v, sca
     _check_tensor("k_v", k_v, "(B, Nv, H, Dq)", (B, None, H, Dq), q)
     _check_mask("key_padding_mask_a", key_padding_mask_a, "(B, Na)", (B, k_a.shape[1]), q)
     _check_mask("key_padding_mask_v", key_padding_mask_v, "(B, Nv)", (B, k_v.shape[1]), q)
-    if not isinstance(scale, (float, int)) or not math.isfinite(scale):
+    if isinstance(scale, bool) or not isinstance(scale, (float, int)) or not math.isfinite(scale):
         raise ValueError(f"{OP}: scale must be a finite float, got {scale!r}")
 
 
@@ -148,7 +148,7 @@ def _av_pair_attention_backward(
         grads = backward(
             dout, q, k_a, v_a, k_v, v_v, key_padding_mask_a, key_padding_mask_v, o_half, lse, scale
         )
-        has_pair = torch.isfinite(lse[..., :1])  # (B, F, H, 1)
+        has_pair = lse[..., :1] != torch.inf  # (B, F, H, 1); rows without a pair hold +inf
         dv_bias = (dout.to(o_half.dtype) * has_pair).sum(dim=(0, 1)).to(q.dtype)
     return (*grads, dv_bias)
 
@@ -214,6 +214,7 @@ def av_pair_attention(
     any strides. Kernels accumulate in float32; float64 runs on the reference.
     Backend: cuda -> triton -> reference, or AVFAST_BACKEND.
     """
+    _check_av_pair_attention(q, k_a, v_a, k_v, v_v, v_bias, key_padding_mask_a, key_padding_mask_v, scale)
     out, _, _ = _av_pair_attention(
         q, k_a, v_a, k_v, v_v, v_bias, key_padding_mask_a, key_padding_mask_v, float(scale)
     )

@@ -46,7 +46,7 @@ def _check_valid(name: str, valid, n: int, z: Tensor, op: str) -> None:
 
 
 def _check_tau(tau, op: str) -> None:
-    if not isinstance(tau, (float, int)) or not math.isfinite(tau) or tau < MIN_TAU:
+    if isinstance(tau, bool) or not isinstance(tau, (float, int)) or not math.isfinite(tau) or tau < MIN_TAU:
         raise ValueError(f"{op}: tau must be a finite float >= {MIN_TAU}, got {tau!r}")
 
 
@@ -167,7 +167,10 @@ def cosine_lse(
         or invalid, are 0 and carry no gradient. Differentiable in z_row and z_col.
     Backend: triton -> reference (AVFAST_BACKEND forces one); float64 uses the reference.
     """
-    return _cosine_lse(z_row, z_col, valid_row, valid_col, float(tau), int(row_offset), bool(col_lse))
+    _check_cosine_lse(z_row, z_col, valid_row, valid_col, tau)
+    if isinstance(row_offset, bool) or not isinstance(row_offset, int):
+        raise TypeError(f"{OP}: row_offset must be an int, got {row_offset!r}")
+    return _cosine_lse(z_row, z_col, valid_row, valid_col, float(tau), row_offset, bool(col_lse))
 
 
 def infonce_from_lse(lse_va: Tensor, lse_av: Tensor, diag: Tensor, valid: Tensor | None, n_valid) -> Tensor:
@@ -196,6 +199,10 @@ def check_blockwise_inputs(z_a, z_v, valid, reduction, op: str) -> None:
     _check_features("z_v", z_v, op)
     if z_v.shape != z_a.shape:
         raise ValueError(f"{op}: z_v must be (K, B, d) = {tuple(z_a.shape)} like z_a, got {tuple(z_v.shape)}")
+    if z_v.dtype != z_a.dtype:
+        raise TypeError(f"{op}: z_v must have z_a's dtype {z_a.dtype}, got {z_v.dtype}")
+    if z_v.device != z_a.device:
+        raise ValueError(f"{op}: z_v must be on z_a's device {z_a.device}, got {z_v.device}")
     _check_valid("valid", valid, z_a.shape[1], z_a, op)
     check_reduction(reduction, op)
 
@@ -224,6 +231,7 @@ def blockwise_infonce(
     across ranks see avfast.nn.BlockwiseContrastiveLoss.
     """
     check_blockwise_inputs(z_a, z_v, valid, reduction, "blockwise_infonce")
+    _check_tau(tau, "blockwise_infonce")
     lse_va, lse_av, diag = cosine_lse(z_v, z_a, tau=tau, valid_row=valid, valid_col=valid)
     n_valid = z_a.shape[1] if valid is None else valid.sum()
     return reduce_blocks(infonce_from_lse(lse_va, lse_av, diag, valid, n_valid), reduction)

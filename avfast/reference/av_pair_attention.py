@@ -129,7 +129,7 @@ def av_pair_attention_fwd(
         p = torch.exp(s - lse[..., None].clamp_min(torch.finfo(acc).min))
         halves.append(torch.einsum("bhfn,bnhd->bfhd", p, v.to(acc)))
         lses.append(lse.transpose(1, 2))  # (B, F, H)
-    valid = torch.isfinite(lses[0]) & torch.isfinite(lses[1])  # (B, F, H)
+    valid = (lses[0] != -torch.inf) & (lses[1] != -torch.inf)  # (B, F, H); NaN stays valid, and NaN
     o_half = torch.stack(halves, dim=3) * valid[..., None, None]
     lse = torch.where(valid[..., None], torch.stack(lses, dim=-1), torch.inf)
     out = o_half.sum(dim=3)
@@ -191,6 +191,8 @@ def pair_attention_map(
     for k, mask in ((k_a, key_padding_mask_a), (k_v, key_padding_mask_v)):
         s = _masked_scores(qf, k.to(acc), mask, scale)
         pk = torch.softmax(s, dim=-1)
-        p.append(torch.where(torch.isnan(pk), torch.zeros_like(pk), pk))
+        if mask is not None:  # every key padded: a zero row (NaN from values stays NaN)
+            pk = torch.where(mask.all(dim=-1)[:, None, None, None], torch.zeros_like(pk), pk)
+        p.append(pk)
     B, H, F, Na = p[0].shape
     return (p[0][..., :, None] * p[1][..., None, :]).reshape(B, H, F, Na * p[1].shape[-1])

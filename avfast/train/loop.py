@@ -26,7 +26,8 @@ from avfast.data.manifest import Manifest, read_manifest
 from avfast.data.presets import Preset, get_preset
 from avfast.models import build_model
 from avfast.nn.contrastive import local_negatives
-from avfast.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from avfast.train.checkpoint import (load_checkpoint, load_newest_good, rng_state, save_checkpoint, set_rng_state,
+                                     stale_temporaries)
 
 
 @dataclasses.dataclass
@@ -53,7 +54,7 @@ class TrainConfig:
     seed: int = 0
     pretrained: str | None = None
     pretrain: bool = False
-    resume: bool = False
+    resume: bool | str = False  # False, True / "last" (OUT/last.pt) or "auto" (last.pt, else last.pt.prev)
     checkpoint_every: int | None = None
     log_every: int = 10
     progress: bool = True
@@ -229,8 +230,35 @@ class Trainer:
         if cfg.compile:
             self.train_module = torch.compile(self.train_module)
         self.epoch, self.batch_in_epoch, self.step, self.best = 0, 0, 0, -math.inf
-        if cfg.resume and (self.out / "last.pt").is_file():
-            self.restore(load_checkpoint(self.out / "last.pt"))
+        self.resume_notes: list[dict[str, Any]] = []
+        if self.rank == 0:
+            for name in ("last.pt", "best.pt"):
+                for stale in stale_temporaries(self.out / name):  # a writer killed mid-save
+                    stale.unlink(missing_ok=True)
+                    self.resume_notes.append({"event": "removed", "file": str(stale),
+                                              "why": "temporary file of a save that was killed"})
+        if cfg.resume:
+            self._resume(cfg.resume)
+
+    def _resume(self, mode: bool | str) -> None:
+        """Continue from OUT/last.pt: "last" (or True) raises naming the file when it
+        cannot be read; "auto" falls back to last.pt.prev (said in the log) and starts
+        afresh when neither exists."""
+        mode = "last" if mode is True else mode
+        if mode not in ("last", "auto"):
+            raise ValueError(f"resume: expected False, True, 'last' or 'auto', got {mode!r}")
+        last = self.out / "last.pt"
+        if mode == "last":
+            ckpt, source = (load_checkpoint(last), last) if last.is_file() else (None, None)
+        else:
+            ckpt, source, problems = load_newest_good(last, keep_corrupt=self.rank == 0)
+            for problem in problems:
+                print(f"resume: {problem}; falling back", flush=True)
+                self.resume_notes.append({"event": "resume_fallback", "problem": problem})
+        if ckpt is not None:
+            self.restore(ckpt)
+            self.resume_notes.append({"event": "resume", "file": str(source), "epoch": self.epoch,
+                                      "step": self.step})
 
     # ------------------------------------------------------------------ state
 
@@ -255,14 +283,16 @@ class Trainer:
         set_rng_state(states)
 
     def save(self, name: str = "last.pt") -> None:
-        """Every rank calls this (it gathers each rank's generator states); rank 0 writes."""
+        """Every rank calls this (it gathers each rank's generator states); rank 0 writes.
+        last.pt keeps the one it replaces as last.pt.prev (what ``--resume auto`` falls
+        back to)."""
         states = rng_state()
         if self.world > 1:
             gathered: list[Any] = [None] * self.world
             dist.all_gather_object(gathered, states)
             states = gathered
         if self.rank == 0:
-            save_checkpoint(self.out / name, rng=states, **self.state())
+            save_checkpoint(self.out / name, keep_previous=name == "last.pt", rng=states, **self.state())
 
     def log(self, record: dict[str, Any]) -> None:
         if self.rank == 0:
@@ -327,6 +357,8 @@ class Trainer:
         cfg, result = self.cfg, {}
         self.log({"event": "start", "config": dataclasses.asdict(cfg), "world": self.world,
                   "device": str(self.device), "train_clips": len(self.train_set), "val_clips": len(self.val_set)})
+        for note in self.resume_notes:
+            self.log(note)
         while self.epoch < cfg.epochs and not self._done():
             loader = self.train_loader
             loader.set_epoch(self.epoch)
@@ -353,15 +385,18 @@ class Trainer:
                      "skipped": loader.skipped}
             if finished:
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-            self.save()
+            # evaluate, then best.pt, then last.pt: a kill before last.pt is written replays
+            # this stretch from the previous last.pt, evaluation and best.pt included
             result = self.evaluate() if self.val_loader is not None else {}
+            score = result.get("val_accuracy", -result.get("val_loss", math.inf))
+            improved = bool(result) and score > self.best
+            if improved:
+                self.best = score
+                self.save("best.pt")
+            self.save()
             self.log({**event, **result})
             if self.rank == 0 and result:
                 print(f"{event['event']} {event['epoch']}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
-            score = result.get("val_accuracy", -result.get("val_loss", math.inf))
-            if result and score > self.best:
-                self.best = score
-                self.save("best.pt")
         return result
 
     def _done(self) -> bool:

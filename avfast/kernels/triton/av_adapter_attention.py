@@ -131,8 +131,10 @@ if has_triton():
         lse_x = tl.load(lse_x_ptr + n * Lx + offs_x, mask=x_ok, other=0.0)
         g_x = tl.load(gx_ptr + n * stride_gx)
         g_y = tl.load(gy_ptr + n * stride_gy)
-        gx = g_x * dout_x.to(tl.float32)  # (BLOCK_X, BLOCK_R)
-        delta_x = tl.sum(gx * o_x, 1)
+        # G in the inputs' dtype, the operand of the dP dots; delta from the same rounded G,
+        # so that dP - delta cancels exactly where it should (a softmax over one key)
+        gx = (g_x * dout_x.to(tl.float32)).to(x.dtype)  # (BLOCK_X, BLOCK_R)
+        delta_x = tl.sum(gx.to(tl.float32) * o_x, 1)
         dx = tl.zeros((BLOCK_X, BLOCK_R), tl.float32)
         for y0 in range(y_start, tl.minimum(y_start + y_per_split, Ly), BLOCK_Y):
             offs_y = y0 + tl.arange(0, BLOCK_Y)
@@ -142,18 +144,18 @@ if has_triton():
             dout_y = _load_tokens(dout_y_ptr, stride_doy_n, stride_doy_l, stride_doy_r, n, offs_y, Ly, R, BLOCK_R)
             o_y = tl.load(o_y_ptr + n * Ly * R + offs_y[:, None] * R + offs_r[None, :], mask=yr_ok, other=0.0)
             lse_y = tl.load(lse_y_ptr + n * Ly + offs_y, mask=y_ok, other=0.0)
-            gy = g_y * dout_y.to(tl.float32)  # (BLOCK_Y, BLOCK_R)
-            delta_y = tl.sum(gy * o_y, 1)
+            gy = (g_y * dout_y.to(tl.float32)).to(y.dtype)  # (BLOCK_Y, BLOCK_R)
+            delta_y = tl.sum(gy.to(tl.float32) * o_y, 1)
             pair_ok = y_ok[:, None] & x_ok[None, :]
             s = dot(y, tl.trans(x), DOT_PRECISION) * scale  # (BLOCK_Y, BLOCK_X)
             p_y = tl.where(pair_ok, tl.exp(s - lse_y[:, None]), 0.0)
             p_xt = tl.where(pair_ok, tl.exp(s - lse_x[None, :]), 0.0)
-            ds_y = p_y * (dot(gy.to(x.dtype), tl.trans(x), DOT_PRECISION) - delta_y[:, None])
-            ds_xt = p_xt * (dot(y, tl.trans(gx.to(y.dtype)), DOT_PRECISION) - delta_x[None, :])
+            ds_y = p_y * (dot(gy, tl.trans(x), DOT_PRECISION) - delta_y[:, None])
+            ds_xt = p_xt * (dot(y, tl.trans(gx), DOT_PRECISION) - delta_x[None, :])
             ds = (ds_y + ds_xt) * scale
-            dy = dout_y.to(tl.float32) + dot(p_xt.to(x.dtype), gx.to(x.dtype), DOT_PRECISION) + dot(ds.to(x.dtype), x, DOT_PRECISION)
+            dy = dout_y.to(tl.float32) + dot(p_xt.to(x.dtype), gx, DOT_PRECISION) + dot(ds.to(x.dtype), x, DOT_PRECISION)
             _store_rows(dy_ptr, n, offs_y, Ly, R, dy, BLOCK_R)
-            dx += dot(tl.trans(p_y.to(y.dtype)), gy.to(y.dtype), DOT_PRECISION)
+            dx += dot(tl.trans(p_y.to(y.dtype)), gy, DOT_PRECISION)
             dx += dot(tl.trans(ds.to(y.dtype)), y, DOT_PRECISION)
         if SPLIT:
             _store_rows(dx_part_ptr, split * N + n, offs_x, Lx, R, dx, BLOCK_R)

@@ -102,7 +102,7 @@ if has_triton():
             l = l * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_PRECISION)
             m = m_new
-        has_key = l > 0
+        has_key = l != 0  # NaN scores keep their NaN (l > 0 would read them as "no key")
         o = acc / tl.where(has_key, l, 1.0)[:, None]
         lse = tl.where(has_key, m + tl.log(tl.where(has_key, l, 1.0)), float("-inf"))
         return o, lse
@@ -156,7 +156,7 @@ if has_triton():
         )
         dv_ok = f_ok[:, None] & (offs_dv[None, :] < Dv)
         if FINAL:
-            valid = (lse_a > float("-inf")) & (lse_v > float("-inf"))  # (BLOCK_F,)
+            valid = (lse_a != float("-inf")) & (lse_v != float("-inf"))  # (BLOCK_F,); NaN stays valid
             o_a = tl.where(valid[:, None], o_a, 0.0)
             o_v = tl.where(valid[:, None], o_v, 0.0)
             lse_a = tl.where(valid, lse_a, float("inf"))
@@ -360,7 +360,7 @@ def _merge_splits(
     lse = torch.logsumexp(lse_part, dim=0)  # (B, F, H, 2), -inf where no split has a key
     weight = torch.exp(lse_part - lse.clamp_min(torch.finfo(torch.float32).min))
     o_half = (weight[..., None] * o_part).sum(dim=0)
-    valid = torch.isfinite(lse).all(dim=-1)  # (B, F, H)
+    valid = (lse != -torch.inf).all(dim=-1)  # (B, F, H); NaN stays valid, and NaN
     o_half = o_half * valid[..., None, None]
     lse = torch.where(valid[..., None], lse, torch.inf)
     out = o_half.sum(dim=3)
