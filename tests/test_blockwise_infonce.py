@@ -314,7 +314,7 @@ def test_reductions():
     [
         (dict(z_a=torch.randn(3, 8)), ValueError, r"blockwise_infonce: z_a must be \(K, B, d\) with K, B, d >= 1, got \(3, 8\)"),
         (dict(z_v=torch.randn(2, 8, 16)), ValueError, r"z_v must be \(K, B, d\) = \(3, 8, 16\) like z_a, got \(2, 8, 16\)"),
-        (dict(z_v=torch.randn(3, 8, 16, dtype=torch.float64)), TypeError, r"z_col must have z_row's dtype torch.float64, got torch.float32"),
+        (dict(z_v=torch.randn(3, 8, 16, dtype=torch.float64)), TypeError, r"blockwise_infonce: z_v must have z_a's dtype torch.float32, got torch.float64"),
         (dict(z_a=torch.randint(0, 3, (3, 8, 16))), TypeError, r"z_a must be float32, float16, bfloat16 or float64, got torch.int64"),
         (dict(valid=torch.ones(8)), TypeError, r"valid must be a bool Tensor \(B,\) .* got torch.float32"),
         (dict(valid=torch.ones(7, dtype=torch.bool)), ValueError, r"valid must be \(B,\) = \(8,\), got \(7,\)"),

@@ -93,10 +93,14 @@ def tolerance(plain: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype, scor
             + 4 * EPS32 * score_max * magnitude)
 
 
-def forced(backend: str, op: str, dtype: torch.dtype, **sizes) -> None:
-    reason = _backend.unavailable_reason(backend, op, torch.device("cpu"), dtype, **sizes)
-    if reason is not None:
-        pytest.skip(reason)
+def fuzz_forced(backend: str, op: str, draw, check, monkeypatch) -> None:
+    """fuzz() with ``backend`` forced for ``op`` (skipped where it cannot run on CPU)."""
+    for dtype in DTYPES:
+        reason = _backend.unavailable_reason(backend, op, torch.device("cpu"), dtype)
+        if reason is not None:
+            pytest.skip(reason)
+    monkeypatch.setenv("AVFAST_BACKEND", backend)
+    fuzz(draw, check, fresh_seed())
 
 
 def run_with_grads(fn, tensors: dict, douts_seed: int, **kw):
@@ -210,10 +214,7 @@ def check_pair(case, seed: int) -> list[str]:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_av_pair_attention_fuzz(backend, monkeypatch):
-    for dtype in DTYPES:
-        forced(backend, "av_pair_attention", dtype)
-    monkeypatch.setenv("AVFAST_BACKEND", backend)
-    fuzz(draw_pair, check_pair, fresh_seed())
+    fuzz_forced(backend, "av_pair_attention", draw_pair, check_pair, monkeypatch)
 
 
 # ---------------------------------------------------------------- pair_attention_map
@@ -320,10 +321,7 @@ def cosine_grad_term(z: torch.Tensor, tau: float, g_max: float) -> torch.Tensor:
 
 
 def test_cosine_lse_fuzz(monkeypatch):
-    for dtype in DTYPES:
-        forced("triton", "cosine_lse", dtype)
-    monkeypatch.setenv("AVFAST_BACKEND", "triton")
-    fuzz(draw_cosine_lse, check_cosine_lse, fresh_seed())
+    fuzz_forced("triton", "cosine_lse", draw_cosine_lse, check_cosine_lse, monkeypatch)
 
 
 def draw_infonce(rng: random.Random):
@@ -355,10 +353,7 @@ def check_infonce(case, seed: int) -> list[str]:
 
 
 def test_blockwise_infonce_fuzz(monkeypatch):
-    for dtype in DTYPES:
-        forced("triton", "cosine_lse", dtype)
-    monkeypatch.setenv("AVFAST_BACKEND", "triton")
-    fuzz(draw_infonce, check_infonce, fresh_seed())
+    fuzz_forced("triton", "cosine_lse", draw_infonce, check_infonce, monkeypatch)
 
 
 # ---------------------------------------------------------------- av_adapter_attention
@@ -399,14 +394,32 @@ def check_adapter(case, seed: int) -> list[str]:
         if a.dtype != dtype:
             problems.append(f"{name} dtype {a.dtype}, expected {dtype}")
         compare(name, a, p, e, dtype, smax, problems)
+    sums = gate_sum_terms(tensors, scale, seed)
     for name in tensors:
-        compare(f"grad {name}", got_g[name], plain_g[name], exact_g[name], dtype, smax, problems)
+        compare(f"grad {name}", got_g[name], plain_g[name], exact_g[name], dtype, smax, problems,
+                sums.get(name, 0.0))
     return problems
+
+
+def gate_sum_terms(tensors: dict, scale, seed: int) -> dict[str, float]:
+    """The summation term of each gate's gradient: dgate = sum over its frames' L x r
+    entries of dout * attention output, a float32 sum of n terms, within
+    4 eps32 sqrt(n) sum |dout * attention| (upstream gradients regenerated from ``seed``)."""
+    h_a, h_v = tensors["h_a"].double(), tensors["h_v"].double()
+    N = h_a.shape[0]
+    ones = torch.ones(N, dtype=torch.float64)
+    attn_a, attn_v = (o - h for o, h in zip(adapter_ref.av_adapter_attention_literal(h_a, h_v, ones, ones,
+                                                                                        scale=scale), (h_a, h_v)))
+    g = torch.Generator().manual_seed(seed)
+    douts = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (h_a, h_v)]
+    terms = {}
+    for name, attn, dout in (("gate_a", attn_a, douts[0]), ("gate_v", attn_v, douts[1])):
+        per_frame = (dout * attn).abs().flatten(1)
+        n = per_frame.numel() if tensors[name].numel() == 1 else per_frame.shape[1]
+        terms[name] = 4 * EPS32 * math.sqrt(n) * per_frame.sum().item()
+    return terms
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_av_adapter_attention_fuzz(backend, monkeypatch):
-    for dtype in DTYPES:
-        forced(backend, "av_adapter_attention", dtype)
-    monkeypatch.setenv("AVFAST_BACKEND", backend)
-    fuzz(draw_adapter, check_adapter, fresh_seed())
+    fuzz_forced(backend, "av_adapter_attention", draw_adapter, check_adapter, monkeypatch)
