@@ -5,9 +5,10 @@ import json
 from avfast.bench import data_pipeline
 
 
-def test_quick_cpu_run_writes_results(tmp_path):
+def test_quick_cpu_run_writes_results(tmp_path, capsys):
     out = tmp_path / "results"
     code = data_pipeline.main(["--quick", "--device", "cpu", "--cache", str(tmp_path / "cache"), "--out", str(out)])
+    assert "elapsed " in capsys.readouterr().out
     payload = json.loads((out / "data_pipeline.json").read_text())
     assert code == 0, payload["rows"]
     rows = {(r["preset"], r["provider"]): r for r in payload["rows"]}

@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.clips, args.seconds, args.size, args.batches = 8, 3.0, 64, 2
         args.batch_size, args.workers, args.dali_threads = 2, min(args.workers, 2), 2
+    started = time.perf_counter()
     payload = run(args)
     out = Path(args.out) if args.out else default_out_dir(device_slug(payload["meta"]["gpu"]), args.quick)
     out.mkdir(parents=True, exist_ok=True)
@@ -183,4 +184,5 @@ def main(argv: list[str] | None = None) -> int:
     (out / "data_pipeline.md").write_text(markdown(payload))
     plot(payload, out / "data_pipeline.png")
     print(f"results: {out}/data_pipeline.{{json,md,png}}")
+    print(f"elapsed {time.perf_counter() - started:.1f} s")
     return 0 if all(r["status"] == "ok" for r in payload["rows"]) else 1
