@@ -232,6 +232,6 @@ def blockwise_infonce(
     """
     check_blockwise_inputs(z_a, z_v, valid, reduction, "blockwise_infonce")
     _check_tau(tau, "blockwise_infonce")
-    lse_va, lse_av, diag = cosine_lse(z_v, z_a, tau=tau, valid_row=valid, valid_col=valid)
+    lse_va, lse_av, diag = _cosine_lse(z_v, z_a, valid, valid, float(tau), 0, True)  # checked above
     n_valid = z_a.shape[1] if valid is None else valid.sum()
     return reduce_blocks(infonce_from_lse(lse_va, lse_av, diag, valid, n_valid), reduction)

@@ -129,7 +129,7 @@ def av_pair_attention_fwd(
         p = torch.exp(s - lse[..., None].clamp_min(torch.finfo(acc).min))
         halves.append(torch.einsum("bhfn,bnhd->bfhd", p, v.to(acc)))
         lses.append(lse.transpose(1, 2))  # (B, F, H)
-    valid = (lses[0] != -torch.inf) & (lses[1] != -torch.inf)  # (B, F, H); NaN stays valid, and NaN
+    valid = (lses[0] != -torch.inf) & (lses[1] != -torch.inf)  # (B, F, H); NaN stays valid (it propagates)
     o_half = torch.stack(halves, dim=3) * valid[..., None, None]
     lse = torch.where(valid[..., None], torch.stack(lses, dim=-1), torch.inf)
     out = o_half.sum(dim=3)

@@ -360,7 +360,7 @@ def _merge_splits(
     lse = torch.logsumexp(lse_part, dim=0)  # (B, F, H, 2), -inf where no split has a key
     weight = torch.exp(lse_part - lse.clamp_min(torch.finfo(torch.float32).min))
     o_half = (weight[..., None] * o_part).sum(dim=0)
-    valid = (lse != -torch.inf).all(dim=-1)  # (B, F, H); NaN stays valid, and NaN
+    valid = (lse != -torch.inf).all(dim=-1)  # (B, F, H); NaN stays valid (it propagates)
     o_half = o_half * valid[..., None, None]
     lse = torch.where(valid[..., None], lse, torch.inf)
     out = o_half.sum(dim=3)
