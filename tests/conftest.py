@@ -8,6 +8,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from seeding import SEED_ENV  # noqa: E402
 
 
 def pytest_configure(config):
@@ -27,3 +28,11 @@ def pytest_collection_modifyitems(config, items):
 def _fresh_backend_env(monkeypatch):
     """Each test starts with the automatic backend choice."""
     monkeypatch.delenv("AVFAST_BACKEND", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _print_module_seed(request):
+    """A test of a module with a drawn ``SEED`` prints it (pytest shows it with a failure)."""
+    seed = getattr(request.module, "SEED", None)
+    if isinstance(seed, int):
+        print(f"{SEED_ENV}={seed} (the module's SEED)")

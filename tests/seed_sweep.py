@@ -1,9 +1,9 @@
 """Run the test suite once per seed: ``python3 tests/seed_sweep.py --seeds 20``.
 
-Each run sets ``AVFAST_TEST_SEED`` (the seed every ``fresh_seed()`` draw and the fuzz use),
-so a failure names the seed that replays it. ``--seeded-only`` runs just the files that
-draw from ``fresh_seed()`` (the other tests do not depend on the seed). Prints one line per
-seed (passed / failed, wall time) and exits 1 if any seed failed.
+Each run sets ``AVFAST_TEST_SEED`` (the seed of every ``fresh_seed()`` draw, of the modules'
+``module_seed()`` constants and of the fuzz), so a failure names the seed that replays it.
+``--seeded-only`` runs just the files that use either (the other tests do not depend on
+the seed). Prints one line per seed (passed / failed, wall time) and exits 1 if any seed failed.
 """
 
 from __future__ import annotations
@@ -20,14 +20,15 @@ TESTS = Path(__file__).resolve().parent
 
 
 def seeded_files() -> list[str]:
-    return sorted(str(p) for p in TESTS.glob("test_*.py") if "fresh_seed(" in p.read_text())
+    return sorted(str(p) for p in TESTS.glob("test_*.py")
+                  if "fresh_seed(" in p.read_text() or "module_seed(" in p.read_text())
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, default=20, help="number of seeds (20)")
     ap.add_argument("--first", type=int, help="seeds first, first+1, ... (default: drawn at random)")
-    ap.add_argument("--seeded-only", action="store_true", help="only the files that call fresh_seed()")
+    ap.add_argument("--seeded-only", action="store_true", help="only the files that call fresh_seed() or module_seed()")
     ap.add_argument("pytest_args", nargs="*", help="passed to pytest (after --)")
     args = ap.parse_args(argv)
     if args.seeds < 1:

@@ -19,3 +19,11 @@ def fresh_seed() -> int:
     torch.manual_seed(seed)
     print(f"{SEED_ENV}={seed}")
     return seed
+
+
+def module_seed() -> int:
+    """A test module's ``SEED`` constant (< 2**31): ``AVFAST_TEST_SEED`` when set, else
+    fresh. conftest prints it in every test of a module that has one, so a failure shows
+    the value that replays it."""
+    fixed = os.environ.get(SEED_ENV)
+    return (int(fixed) if fixed else int.from_bytes(os.urandom(4), "little")) % 2**31

@@ -13,8 +13,9 @@ from avfast.data import CPULoader, get_preset, read_folder
 from avfast.data.manifest import Manifest
 from avfast.data.prepare import prepare
 from avfast.data.synthetic import make_bad_clips, make_dataset
+from seeding import module_seed
 
-SEED = int(np.random.SeedSequence().entropy % 2**31)
+SEED = module_seed()
 CLASSES = 3
 
 
@@ -241,9 +242,12 @@ def test_bad_clips_are_replaced_when_training_and_dropped_when_evaluating(prepar
     used = torch.cat([b["index"] for b in got]).tolist()
     assert not {0, 1, 2} & set(used)
     assert sum(train.skipped.values()) >= 3 and "silent" in train.skipped
+    assert sorted(train.unreadable) == [0, 1, 2]  # each bad clip by index, with its reason
     evaluate = make(broken, "deepavfusion", batch_size=3, train=False, features=False)
     kept = torch.cat([b["index"] for b in batches(evaluate)]).tolist()
     assert kept == [3, 4, 5] and sum(evaluate.skipped.values()) == 3
+    assert sorted(evaluate.unreadable) == [0, 1, 2]
+    assert "corrupt" in evaluate.unreadable[1][1] and str(tmp_path / "corrupt.mkv") in evaluate.unreadable[1][1]
 
 
 def test_dali_cuts_audio_to_the_clip_bounds_like_the_cpu_path(prepared):

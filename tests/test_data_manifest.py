@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from avfast.data.manifest import (AVE_CATEGORIES, Clip, Manifest, read_audioset, read_ave, read_folder,
-                                  read_manifest, read_vggsound)
+from avfast.data.manifest import (AVE_CATEGORIES, MAGIC, BadRow, Clip, Manifest, align_classes, check_clips,
+                                  read_audioset, read_ave, read_folder, read_manifest, read_vggsound)
 
 
 def touch(root: Path, *names: str) -> None:
@@ -141,10 +141,10 @@ def test_read_vggsound_errors(vggsound, tmp_path):
     with pytest.raises(ValueError, match="missing must be one of \\('error', 'skip', 'keep'\\), got 'drop'"):
         read_vggsound(csv_path, clips, missing="drop")
     (tmp_path / "bad.csv").write_text("abc,30,label\n")
-    with pytest.raises(ValueError, match="bad.csv:1 must have 4 fields youtube_id,start_s,label,split"):
+    with pytest.raises(ValueError, match="bad.csv:1: malformed: abc \\(must have 4 fields youtube_id,start_s,label,split"):
         read_vggsound(tmp_path / "bad.csv", clips)
     (tmp_path / "bad.csv").write_text("abc,thirty,label,train\n")
-    with pytest.raises(ValueError, match="bad.csv:1: start_s must be a number >= 0, got 'thirty'"):
+    with pytest.raises(ValueError, match="bad.csv:1: malformed: abc \\(start_s must be a number >= 0, got 'thirty'"):
         read_vggsound(tmp_path / "bad.csv", clips)
 
 
@@ -183,10 +183,10 @@ def test_read_ave_other_categories_and_errors(tmp_path):
     m = read_ave(tmp_path / "ann.txt", tmp_path)
     assert m.classes == ["Aardvark", "Zebra"] and m.clips[0].segment_labels == (1, 1, 1) + (2,) * 7
     (tmp_path / "bad.txt").write_text("Zebra&a&good&5&3\n")
-    with pytest.raises(ValueError, match="bad.txt:1: StartTime < EndTime <= 10 required, got 5, 3"):
+    with pytest.raises(ValueError, match="bad.txt:1: malformed: .*StartTime < EndTime <= 10 required, got 5, 3"):
         read_ave(tmp_path / "bad.txt", tmp_path)
     (tmp_path / "bad.txt").write_text("Zebra,a,good,0,3\n")
-    with pytest.raises(ValueError, match="bad.txt:1 must be Category&VideoID&Quality&StartTime&EndTime"):
+    with pytest.raises(ValueError, match="bad.txt:1: malformed: .*must be Category&VideoID&Quality&StartTime&EndTime"):
         read_ave(tmp_path / "bad.txt", tmp_path)
     (tmp_path / "ann.txt").write_text("Zebra&a&good&0&3\nZebra&missing&good&0&3\n")
     with pytest.raises(FileNotFoundError, match="1 of 2 clips have no file.*missing.mp4"):
@@ -232,7 +232,7 @@ def test_read_audioset_multi_labels_and_file_layouts(audioset):
 def test_read_audioset_errors(audioset, tmp_path):
     segments, labels, clips = audioset
     segments.write_text(AUDIOSET_SEGMENTS + 'abc, 0.000, 10.000, "/m/nope"\n')
-    with pytest.raises(ValueError, match="segments.csv:7: labels must be mids listed in .*got \\['/m/nope'\\]"):
+    with pytest.raises(ValueError, match="segments.csv:7: unknown label: .*labels must be mids listed in .*got \\['/m/nope'\\]"):
         read_audioset(segments, labels, clips)
     (tmp_path / "labels2.csv").write_text("mid,name\n")
     with pytest.raises(ValueError, match="class_labels_csv must have the header index,mid,display_name"):
@@ -259,3 +259,107 @@ def test_read_manifest_dispatches_on_content(tmp_path, vggsound, audioset):
         read_manifest(tmp_path / "other.txt")
     with pytest.raises(FileNotFoundError, match="path must be an existing file"):
         read_manifest(tmp_path / "nope.csv")
+
+
+# ------------------------------------------------------------------ bad rows
+
+GOOD_ROWS = ["a/1.mkv,0,0.0,,,,,,,,,", "b/2.mkv,1,0.0,,,,,,,,,", "a/3.mkv,0,0.0,,,,,,,,,"]
+BAD_ROWS = {  # kind: (row written after the good ones, reason)
+    "missing file": ("a/absent.mkv,0,0.0,,,,,,,,,", "missing file"),
+    "unknown label": ("a/1.mkv,7,0.0,4.0,,,,,,,,", "unknown label"),
+    "duplicate id": ("b/2.mkv,1,0.0,,,,,,,,,", "duplicate id"),
+    "escaping path": ("../../etc/passwd,0,0.0,,,,,,,,,", "escapes root"),
+    "path normalising outside": ("a/../../outside.mkv,0,0.0,,,,,,,,,", "escapes root"),
+    "audio path escaping": ("a/1.mkv,0,1.0,,../../x.flac,,,,,,,", "escapes root"),
+    "too few fields": ("a/1.mkv,0", "malformed"),
+    "not a number": ("a/1.mkv,zero,0.0,,,,,,,,,", "malformed"),
+}
+
+
+def bad_manifest(tmp_path: Path, kind: str) -> tuple[Path, int]:
+    """A manifest of three good rows (files under tmp/clips) and the ``kind`` bad row at
+    line 7 (after the magic, root, classes and header lines and one good row), returned
+    with that line number."""
+    touch(tmp_path / "clips", "a/1.mkv", "b/2.mkv", "a/3.mkv")
+    (tmp_path / "outside.mkv").write_bytes(b"")
+    rows = GOOD_ROWS[:2] + [BAD_ROWS[kind][0]] + GOOD_ROWS[2:]
+    path = tmp_path / "manifest.csv"
+    path.write_text(f'{MAGIC}\n# root: "{tmp_path / "clips"}"\n# classes: ["a", "b"]\n'
+                    "path,labels,start,end,audio_path,segment_labels,fps,num_frames,duration,sample_rate,"
+                    "width,height\n" + "\n".join(rows) + "\n")
+    return path, 7
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_ROWS))
+def test_bad_manifest_row_is_reported_with_its_file_and_row_and_the_good_rows_kept(tmp_path, kind):
+    path, line = bad_manifest(tmp_path, kind)
+    bad = []
+    m = check_clips(read_manifest(path, bad=bad), bad)
+    assert [c.path for c in m.clips] == ["a/1.mkv", "b/2.mkv", "a/3.mkv"]
+    assert [c.origin for c in m.clips] == [(str(path), 5), (str(path), 6), (str(path), 8)]
+    assert len(bad) == 1 and (bad[0].file, bad[0].row, bad[0].reason) == (str(path), line, BAD_ROWS[kind][1])
+    assert str(bad[0]).startswith(f"{path}:{line}: {BAD_ROWS[kind][1]}: ")
+    with pytest.raises(ValueError, match=f"{path}:{line}: {BAD_ROWS[kind][1]}: "):  # strict without a list
+        check_clips(read_manifest(path))
+
+
+def test_bad_row_details_name_the_cause(tmp_path):
+    details = {}
+    for kind in ("missing file", "duplicate id", "path normalising outside", "unknown label"):
+        bad = []
+        check_clips(Manifest.load(bad_manifest(tmp_path, kind)[0], bad=bad), bad)
+        details[kind] = bad[0].detail
+    assert details["missing file"] == f"no file at {str(tmp_path / 'clips' / 'a/absent.mkv')!r}"
+    assert details["duplicate id"] == f"the same file, start and end as {tmp_path / 'manifest.csv'}:6"
+    assert details["path normalising outside"] == f"'a/../../outside.mkv' leaves root {str(tmp_path / 'clips')!r}"
+    assert details["unknown label"] == "labels must be < len(classes)=2, got (7,)"
+
+
+def test_check_clips_keeps_absolute_paths_and_reports_every_bad_row(tmp_path):
+    touch(tmp_path, "in/x.mkv", "elsewhere/y.mkv")
+    clips = [Clip(str(tmp_path / "elsewhere/y.mkv"), (0,)), Clip("x.mkv", (0,)), Clip("x.mkv", (0,), start=1.0),
+             Clip("./x.mkv", (0,)), Clip("nope.mkv", (0,)), Clip("../elsewhere/y.mkv", (0,))]
+    bad = []
+    kept = check_clips(Manifest(clips, ["c"], root=str(tmp_path / "in")), bad)
+    assert kept.clips == clips[:3]  # absolute paths as written; another start is another clip
+    assert [(b.file, b.row, b.reason) for b in bad] == [
+        ("./x.mkv", None, "duplicate id"), ("nope.mkv", None, "missing file"), ("../elsewhere/y.mkv", None, "escapes root")]
+    with pytest.raises(ValueError, match="check_clips: 3 of 6 rows cannot be used, first: ./x.mkv: duplicate id"):
+        check_clips(Manifest(clips, ["c"], root=str(tmp_path / "in")))
+    with pytest.raises(ValueError, match="BadRow: reason must be one of .*got 'odd'"):
+        BadRow("f", 1, "p", "odd")
+
+
+def test_dataset_readers_report_bad_rows_with_their_line(vggsound, audioset, tmp_path):
+    csv_path, clips = vggsound
+    text = Path(csv_path).read_text().splitlines()
+    first = text[0]
+    (tmp_path / "dup.csv").write_text("\n".join([first, "abc,30,label", first, "xyz,ten,label,train"]) + "\n")
+    bad = []
+    m = check_clips(read_vggsound(tmp_path / "dup.csv", clips, missing="keep", bad=bad), bad)
+    assert len(m) == 1 and m.clips[0].origin == (str(tmp_path / "dup.csv"), 1)
+    assert [(b.row, b.reason) for b in bad] == [(2, "malformed"), (4, "malformed"), (3, "duplicate id")]
+    segments, labels, root = audioset
+    lines = Path(segments).read_text().splitlines()
+    bad = []
+    m = read_audioset(segments, labels, root, bad=bad, missing="keep")
+    assert bad == [] and len(m)
+    Path(segments).write_text("\n".join(lines + ['zzz, 0.0, 10.0, "/m/nope"']) + "\n")
+    read_audioset(segments, labels, root, bad=bad, missing="keep")
+    assert [(b.row, b.reason, b.path) for b in bad] == [(len(lines) + 1, "unknown label", "zzz")]
+    Path(segments).write_text("\n".join(lines) + "\n")
+
+
+def test_align_classes_reindexes_by_name_and_reports_unknown_classes(tmp_path):
+    train = Manifest([Clip("x", (0,)), Clip("y", (2,))], ["cat", "dog", "owl"])
+    val = Manifest([Clip("a", (0,), segment_labels=(0, 3)), Clip("b", (1,)), Clip("c", (2,))],
+                   ["dog", "owl", "yak"])  # no cat, and a yak
+    bad = []
+    out = align_classes(val, train.classes, bad)
+    assert out.classes == train.classes
+    assert [(c.path, c.labels, c.segment_labels) for c in out.clips] == [("a", (1,), (1, 3)), ("b", (2,), None)]
+    assert [(b.path, b.reason) for b in bad] == [("c", "unknown label")]
+    assert "classes ['yak'] are not among the 3 expected" in bad[0].detail
+    with pytest.raises(ValueError, match="align_classes: c: unknown label"):
+        align_classes(val, train.classes)
+    assert align_classes(train, train.classes) is train

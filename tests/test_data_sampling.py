@@ -8,8 +8,9 @@ import pytest
 from avfast.data.presets import PRESETS, VideoSpec, get_preset
 from avfast.data.sampling import (BackgroundPartners, ClipInfo, epoch_indices, eval_crop,
                                   plan_sample, random_resized_crop, sample_rng)
+from seeding import module_seed
 
-SEED = int(np.random.SeedSequence().entropy % 2**31)
+SEED = module_seed()
 
 
 def info(width=96, height=64, fps=10.0, frames=100, seconds=10.0, rate=16000, **kw):

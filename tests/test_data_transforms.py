@@ -7,8 +7,9 @@ import torch
 from avfast.data.presets import get_preset
 from avfast.data.transforms import (audio_features, bad_audio_rows, crop_resize_frames,
                                     gather_windows, normalize_frames)
+from seeding import module_seed
 
-SEED = int(np.random.SeedSequence().entropy % 2**31)
+SEED = module_seed()
 
 
 def window_loop(wave, n, start, length, pad):

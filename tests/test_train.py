@@ -12,13 +12,15 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+from avfast.data.manifest import Manifest, read_folder
 from avfast.data.synthetic import make_dataset
 from avfast.models.base import AVModel
 from avfast.train import loop
 from avfast.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_state
 from avfast.train.loop import Trainer, TrainConfig, split_manifest
+from seeding import module_seed
 
-SEED = int(np.random.SeedSequence().entropy % 2**31)
+SEED = module_seed()
 
 
 class Probe(AVModel):
@@ -126,6 +128,54 @@ def test_evaluate_checkpoint_and_class_mismatch(clips, tmp_path):
     (other / "class_00").rename(other / "zebra")
     with pytest.raises(ValueError, match="data: expected the checkpoint's classes"):
         loop.evaluate_checkpoint(str(tmp_path / "run" / "last.pt"), str(other), workers=0)
+
+
+def test_training_uses_every_good_row_and_reports_each_bad_one(clips, tmp_path, capsys):
+    """A manifest of the 12 good clips, then one row of each bad kind and a corrupt clip:
+    training visits exactly the good clips; each bad row is a bad_row event naming its file
+    and row, and the summary event and line count them by reason."""
+    manifest = tmp_path / "manifest.csv"
+    read_folder(clips).save(manifest)
+    corrupt = tmp_path / "corrupt.mkv"
+    corrupt.write_bytes(b"\x1aE\xdf\xa3" + bytes(range(256)) * 64)
+    bad_rows = {17: ("class_0/absent.mkv", "missing file"), 18: ("../../etc/passwd", "escapes root"),
+                19: ("class_00/clip_000.mkv", "duplicate id"), 20: ("class_01/clip_001.mkv", "unknown label"),
+                21: ("class_02/clip_002.mkv", "malformed"), 22: (str(corrupt), "unreadable")}
+    with open(manifest, "a") as f:
+        f.write("class_0/absent.mkv,0,0.0,,,,,,,,,\n../../etc/passwd,0,0.0,,,,,,,,,\n"
+                "class_00/clip_000.mkv,0,0.0,,,,,,,,,\nclass_01/clip_001.mkv,9,0.0,,,,,,,,,\n"
+                f"class_02/clip_002.mkv,2,-1.0,,,,,,,,,\n{corrupt},1,0.0,,,,,,,,,\n")
+    trainer = Trainer(config(str(manifest), tmp_path / "run", epochs=2, val_data=clips))
+    seen = set()
+    step = trainer.train_step
+    trainer.train_step = lambda batch: (seen.update(batch["index"].tolist()), step(batch))[1]
+    trainer.fit()
+    assert len(trainer.train_set) == 13 and seen == set(range(12))  # the corrupt clip is index 12
+    records = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    reported = {r["row"]: (r["path"], r["reason"]) for r in records if r["event"] == "bad_row"}
+    assert reported == bad_rows
+    assert {r["file"] for r in records if r["event"] == "bad_row"} == {str(manifest)}
+    summary = [r for r in records if r["event"] == "summary"]
+    counts = {reason: 1 for _, reason in bad_rows.values()} | {"escapes root": 1}
+    assert len(summary) == 1 and summary[0]["bad_rows"] == counts and summary[0]["clips_used"] == 24
+    out = capsys.readouterr().out
+    assert "summary: 10 steps, 24 clips used, 6 bad rows left out (duplicate id: 1, escapes root: 1, " in out
+    assert ("data: left out 5 rows (duplicate id: 1, escapes root: 1, malformed: 1, missing file: 1, "
+            f"unknown label: 1), first: {manifest}:17: missing file: class_0/absent.mkv") in out
+    resumed = Trainer(config(str(manifest), tmp_path / "run", epochs=2, val_data=clips, resume=True))
+    resumed.fit()  # nothing left to train: the unreadable clip is known from the checkpoint
+    records = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert [r for r in records if r["event"] == "summary"][-1]["bad_rows"] == counts
+
+
+def test_training_without_a_usable_row_is_an_error_naming_the_rows(tmp_path):
+    manifest = tmp_path / "manifest.csv"
+    Manifest([], [], str(tmp_path)).save(manifest)
+    with open(manifest, "a") as f:
+        f.write("gone.mkv,,0.0,,,,,,,,,\n")
+    with pytest.raises(ValueError, match=f"data: expected usable clips in .*got none of 1 rows: {manifest}:5: "
+                                         "missing file: gone.mkv"):
+        Trainer(config(str(manifest), tmp_path / "run"))
 
 
 def test_split_is_stratified_and_disjoint(clips):

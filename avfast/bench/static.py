@@ -1,7 +1,7 @@
 """Static GPU-fitness gate: how each kernel would run on an H100 (sm_90) and an A100
 (sm_80), measured without a GPU.
 
-    avfast bench static [--out DIR] [--only OP] [--jobs N] [--no-cuda]
+    avfast bench static [--out DIR] [--only OP] [--jobs N] [--no-cuda] [--quick]
 
 For every op's cases (the methods' shapes) the Triton launchers run on CPU tensors with
 their ``*_kernel`` JIT functions swapped for recorders, so the launcher's real choices
@@ -13,6 +13,9 @@ From those: CTAs per SM, SM waves (programs / SMs) and a roofline bound per laun
 max(HBM bytes, L2 operand bytes, tensor-core or FMA FLOPs, exps) over the GPU model's
 rates divided by the fill of the last wave. The CUDA C++ kernels of csrc/ are compiled
 with nvcc for sm_90 (``-Xptxas -v``, ``cuobjdump -sass``) and reported per kernel.
+
+``--quick`` compiles only the first case of each op, in bf16, and no CUDA C++ (a smoke run
+of the same gate, in results/static-sm_90-quick/).
 
 Writes ``static.json`` and ``static.md`` (default ``benchmarks/results/static-sm_90/``)
 and exits 1 when a launch does not compile, a 16-bit kernel spills at a listed case on
@@ -444,15 +447,17 @@ def _compile_job(job):
     return key, out
 
 
-def triton_report(selected: Sequence[StaticCase], jobs: int, workdir: Path) -> list[dict]:
-    """One row per recorded launch with its compile results on every target."""
+def triton_report(selected: Sequence[StaticCase], jobs: int, workdir: Path,
+                  dtypes: Sequence[str] = DTYPES) -> list[dict]:
+    """One row per recorded launch (each case in each of ``dtypes``) with its compile results
+    on every target."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
 
     backend90 = make_backend(GPUTarget("cuda", 90, 32))
     rows, unique = [], {}
     for case in selected:
-        for dtype in DTYPES:
+        for dtype in dtypes:
             try:
                 launches = _record(case, dtype)
             except Exception as err:  # noqa: BLE001  (a launcher that refuses a case fails the gate)
@@ -636,13 +641,17 @@ def markdown(rows, summaries, cuda, failures, meta) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="avfast bench static", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for static.json / static.md")
+    ap.add_argument("--out", type=Path, default=None, help="folder for static.json / static.md "
+                    f"(default {DEFAULT_OUT.relative_to(REPO_ROOT)}[-quick])")
     ap.add_argument("--only", default=None, help="only the ops whose name contains this")
     ap.add_argument("--case", default=None, help="only the cases whose name contains this")
     ap.add_argument("--jobs", type=int, default=max(1, min(8, os.cpu_count() or 1)), help="compile processes")
     ap.add_argument("--no-cuda", action="store_true", help="skip the CUDA C++ kernels (nvcc)")
     ap.add_argument("--keep", type=Path, default=None, help="keep PTX/cubin/SASS here")
+    ap.add_argument("--quick", action="store_true", help="the first case of each op, bf16 only, no CUDA C++")
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = DEFAULT_OUT.with_name(DEFAULT_OUT.name + "-quick") if args.quick else DEFAULT_OUT
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("avfast bench static compiles real kernels: unset TRITON_INTERPRET", file=sys.stderr)
         return 2
@@ -651,14 +660,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     selected = [c for c in cases() if (args.only is None or args.only in c.op)
                 and (args.case is None or args.case in c.name)]
+    if args.quick:
+        selected = [c for i, c in enumerate(selected) if c.op not in {d.op for d in selected[:i]}]
+    dtypes = ("bf16",) if args.quick else DTYPES
     started = time.time()
     workdir = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="avfast-static-"))
     workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TRITON_CACHE_DIR", str(workdir / "triton-cache"))
     try:
-        rows = triton_report(selected, args.jobs, workdir)
+        rows = triton_report(selected, args.jobs, workdir, dtypes)
         summaries = case_summaries(selected, rows)
-        cuda = {"skipped": "--no-cuda"} if args.no_cuda else cuda_report(workdir)
+        skip = "--no-cuda" if args.no_cuda else "--quick" if args.quick else None
+        cuda = {"skipped": skip} if skip else cuda_report(workdir)
     finally:
         if args.keep is None:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -157,7 +157,7 @@ def check(device) -> dict[str, Any]:
                 p.grad = None
             loss = f.loss(f(batch["frames"], batch["audio"]), batch)[0]
             loss.backward()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             grads.append([p.grad.clone() if p.grad is not None else torch.zeros_like(p)
                           for p in model.trainable_parameters()])
         loss_err = abs(losses[0] - losses[1]) / max(1.0, abs(losses[0]))

@@ -14,7 +14,8 @@ import importlib
 _EXPORTS = {
     "ClipDataset": "cpu", "CPULoader": "cpu", "collate": "cpu",
     "DALILoader": "dali",
-    "Clip": "manifest", "Manifest": "manifest", "read_audioset": "manifest", "read_ave": "manifest",
+    "BadRow": "manifest", "Clip": "manifest", "Manifest": "manifest", "align_classes": "manifest",
+    "check_clips": "manifest", "read_audioset": "manifest", "read_ave": "manifest",
     "read_folder": "manifest", "read_manifest": "manifest", "read_vggsound": "manifest",
     "prepare": "prepare",
     "PRESETS": "presets", "AudioSpec": "presets", "Preset": "presets", "VideoSpec": "presets",

@@ -29,8 +29,9 @@ class ClipDataset(torch.utils.data.Dataset):
 
     Item i is a dict: ``frames`` float32 (T, 3, S, S) normalised (uint8 (T, S, S, 3) with
     ``features=False``), ``audio`` the preset's features (raw windows (K, samples) with
-    ``features=False``), label fields, ``index``, ``audio_index``, ``background``, and
-    ``skipped``: the reasons of the clips that could not be read for it. A clip that cannot
+    ``features=False``), label fields, ``index``, ``audio_index``, ``background``,
+    ``skipped``: the reasons of the clips that could not be read for it, and ``unreadable``:
+    (clip index, reason, message) of each of them. A clip that cannot
     be read (``bad_audio='pad'`` keeps silent/short audio, zero-padded) is replaced when
     training by the next readable clip (i + 1, i + 2, ...; batches keep their size, which
     DDP ranks need), and left out when evaluating (no clip counts twice); an item with no
@@ -94,30 +95,35 @@ class ClipDataset(torch.utils.data.Dataset):
             raise media.MediaError(clip.path, "inconsistent with the manifest", str(err)) from err
 
     def __getitem__(self, index: int) -> dict:
-        skipped = []
+        skipped, unreadable = [], []
         for attempt in range(min(len(self), MAX_REPLACEMENTS + 1) if self.train else 1):
             try:
                 plan, frames, windows = self.load((index + attempt) % len(self))
                 break
             except media.MediaError as err:
                 skipped.append(err.reason)
+                unreadable.append(((index + attempt) % len(self), err.reason, str(err)))
         else:
-            return {"skipped": skipped}
+            return {"skipped": skipped, "unreadable": unreadable}
         index = plan.index
         if self.features:
             frames = normalize_frames(frames, self.preset.video.mean, self.preset.video.std)
             windows = audio_features(windows.unsqueeze(0), self.preset)[0]
         return {"frames": frames, "audio": windows, "index": torch.tensor(index),
                 "audio_index": torch.tensor(plan.audio_index),
-                "background": torch.tensor(plan.background), **self._labels(index), "skipped": skipped}
+                "background": torch.tensor(plan.background), **self._labels(index), "skipped": skipped,
+                "unreadable": unreadable}
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack the samples that have data; ``skipped`` maps reason -> count of unreadable clips."""
+    """Stack the samples that have data; ``skipped`` maps reason -> count of unreadable clips,
+    ``unreadable`` lists (clip index, reason, message) of each."""
     skipped = collections.Counter(r for s in samples for r in s["skipped"])
     good = [s for s in samples if "frames" in s]
-    batch = {k: torch.stack([s[k] for s in good]) for k in (good[0] if good else {}) if k != "skipped"}
+    lists = ("skipped", "unreadable")
+    batch = {k: torch.stack([s[k] for s in good]) for k in (good[0] if good else {}) if k not in lists}
     batch["skipped"] = dict(skipped)
+    batch["unreadable"] = [u for s in samples for u in s["unreadable"]]
     return batch
 
 
@@ -126,7 +132,8 @@ class CPULoader:
 
     Iterating yields dicts of tensors (on ``device`` if given) with a ``skipped`` dict; after
     each epoch ``skipped`` holds the epoch's counts by reason, which are also logged, and the
-    epoch advances (``set_epoch`` sets it, e.g. when resuming).
+    epoch advances (``set_epoch`` sets it, e.g. when resuming). ``unreadable`` maps the index
+    of every clip found unreadable so far to (reason, message).
     """
 
     def __init__(self, manifest: Manifest, preset: str | Preset, *, batch_size: int, train: bool,
@@ -142,6 +149,7 @@ class CPULoader:
         self.device = None if device is None else torch.device(device)
         self.epoch = 0
         self.skipped: dict[str, int] = {}
+        self.unreadable: dict[int, tuple[str, str]] = {}
 
     def __len__(self) -> int:
         return -(-len(self._indices()) // self.batch_size)
@@ -168,6 +176,7 @@ class CPULoader:
         counts: collections.Counter = collections.Counter()
         for batch in loader:
             counts.update(batch["skipped"])
+            self.unreadable.update({i: (reason, message) for i, reason, message in batch.pop("unreadable")})
             if "index" not in batch:
                 continue
             if self.device is not None:

@@ -65,8 +65,10 @@ class _PlanSource:
                 return plan, video, audio
             except media.MediaError as err:
                 ld.pending_skips[err.reason] += 1
-            except OSError:
+                ld.unreadable[i] = (err.reason, str(err))
+            except OSError as err:
                 ld.pending_skips["unreadable"] += 1
+                ld.unreadable[i] = ("unreadable", str(err))
         return None
 
     def __next__(self):
@@ -106,6 +108,7 @@ class DALILoader:
     ``skipped``), on ``cuda:device_id`` (on the CPU when ``device_id`` is None, for tests).
     With ``features=False`` ``frames`` stays uint8 (B, T, S, S, 3) and ``audio`` holds the
     windows (B, K, samples). Shards for torchrun with ``shard_id``/``num_shards``.
+    ``unreadable`` maps the index of every clip found unreadable so far to (reason, message).
     """
 
     def __init__(self, manifest: Manifest, preset: str | Preset, *, batch_size: int, train: bool,
@@ -136,6 +139,7 @@ class DALILoader:
         self.device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
         self.pending_skips: collections.Counter = collections.Counter()
         self.skipped: dict[str, int] = {}
+        self.unreadable: dict[int, tuple[str, str]] = {}
         self._labels = label_fields(manifest)
         self._fallback = ClipDataset(manifest, self.preset, train=train, seed=seed, background_p=background_p,
                                      bad_audio=bad_audio, features=False)
@@ -190,6 +194,7 @@ class DALILoader:
         self._fallback.set_epoch(self.epoch)
         items = [self._fallback[i] for i in indices]
         batch = collate(items)
+        self.unreadable.update({i: (reason, message) for i, reason, message in batch.pop("unreadable")})
         return batch, collections.Counter(batch.pop("skipped"))
 
     def _finish(self, frames, windows, index, audio_index, background, reasons) -> dict:
@@ -224,6 +229,8 @@ class DALILoader:
         if bool(keep.all()):
             return frames, windows, index, audio_index, background, reasons
         if not self.train:
+            for i in index[~keep].tolist():
+                self.unreadable[int(i)] = ("bad audio", f"clip {int(i)}: silent or too short audio ({dict(reasons)})")
             return (*(t[keep] for t in (frames, windows, index, audio_index, background)), reasons)
         bad = (~keep).nonzero()[:, 0].tolist()
         rows, reasons = self._cpu_rows([int(index[k]) for k in bad])

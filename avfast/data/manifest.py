@@ -4,6 +4,9 @@ a class-per-folder tree, VGGSound, AVE, AudioSet and avfast's own manifest files
 Readers never drop a row silently: a clip whose file is not found raises
 (``missing="error"``), is left out with a warning giving the count and the first paths
 (``"skip"``), or is kept with its expected path (``"keep"``, so ``prepare`` reports it).
+Given a list as ``bad``, readers append a ``BadRow`` (file, row number, reason) for each row
+they cannot use instead of raising; ``check_clips`` adds missing files, paths that escape
+the root and duplicate ids, and ``align_classes`` unknown labels of a second manifest.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ AVE_CATEGORIES = frozenset({
     "Train horn", "Truck", "Ukulele", "Violin, fiddle",
 })
 SHOW = 5  # paths quoted in messages
+BAD_REASONS = ("malformed", "unknown label", "missing file", "escapes root", "duplicate id", "unreadable")
 
 
 @contextlib.contextmanager
@@ -71,7 +75,8 @@ class Clip:
     audio (FLAC; None = the audio track of ``path``); ``segment_labels``: one class per
     second (AVE; background = len(classes)). The rest is metadata ``prepare`` fills (None =
     unknown): ``fps``, ``num_frames``, ``width``, ``height`` of the video, ``duration`` (s)
-    and ``sample_rate`` of the audio that loaders read (``audio_path`` if set)."""
+    and ``sample_rate`` of the audio that loaders read (``audio_path`` if set). ``origin``:
+    (file, row number) the clip was read from, for messages (not compared, not saved)."""
 
     path: str
     labels: tuple[int, ...]
@@ -85,6 +90,7 @@ class Clip:
     sample_rate: int | None = None
     width: int | None = None
     height: int | None = None
+    origin: tuple[str, int] | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if not isinstance(self.path, str) or not self.path:
@@ -103,6 +109,39 @@ class Clip:
                 raise ValueError(f"Clip: {name} must be None or an integer >= 0, got {value!r} ({self.path})")
 
 
+@dataclasses.dataclass(frozen=True)
+class BadRow:
+    """A row that cannot be used: the ``file`` and 1-based ``row`` it was read from (row None
+    for a clip found by walking a folder), the clip's ``path`` (or id), one of
+    ``BAD_REASONS`` and a free-text ``detail``."""
+
+    file: str
+    row: int | None
+    path: str
+    reason: str
+    detail: str = ""
+
+    def __post_init__(self):
+        if self.reason not in BAD_REASONS:
+            raise ValueError(f"BadRow: reason must be one of {BAD_REASONS}, got {self.reason!r}")
+
+    @classmethod
+    def of(cls, clip: Clip, reason: str, detail: str = "") -> "BadRow":
+        file, row = clip.origin or (clip.path, None)
+        return cls(file, row, clip.path, reason, detail)
+
+    def __str__(self) -> str:
+        where = self.file if self.row is None else f"{self.file}:{self.row}"
+        return f"{where}: {self.reason}: {self.path}" + (f" ({self.detail})" if self.detail else "")
+
+
+def _report(fn: str, bad: list[BadRow] | None, row: BadRow) -> None:
+    """Append ``row`` to ``bad``; with no list, raise it as a ValueError."""
+    if bad is None:
+        raise ValueError(f"{fn}: {row}")
+    bad.append(row)
+
+
 @dataclasses.dataclass
 class Manifest:
     """Clips, class names (label k is ``classes[k]``) and the folder relative paths resolve
@@ -114,13 +153,10 @@ class Manifest:
 
     def __post_init__(self):
         self.clips, self.classes, self.root = list(self.clips), list(self.classes), os.fspath(self.root)
-        n = len(self.classes)
         for clip in self.clips:
-            if any(k >= n for k in clip.labels):
-                raise ValueError(f"Manifest: labels must be < len(classes)={n}, got {clip.labels} ({clip.path})")
-            if clip.segment_labels is not None and any(k > n for k in clip.segment_labels):
-                raise ValueError(f"Manifest: segment_labels must be <= len(classes)={n} (background), "
-                                 f"got {clip.segment_labels} ({clip.path})")
+            unknown = _unknown_labels(clip, len(self.classes))
+            if unknown:
+                raise ValueError(f"Manifest: {unknown} ({clip.path})")
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -143,8 +179,10 @@ class Manifest:
                 writer.writerow([_field(getattr(clip, name)) for name in COLUMNS])
 
     @classmethod
-    def load(cls, path) -> "Manifest":
-        """Read a file written by ``save``."""
+    def load(cls, path, *, bad: list[BadRow] | None = None) -> "Manifest":
+        """Read a file written by ``save``. A row that does not parse ('malformed') or has a
+        label outside the classes ('unknown label') raises naming file:row, or is appended
+        to ``bad`` and left out when a list is given."""
         path = os.fspath(path)
         with open(path, newline="", encoding="utf-8") as f:
             head = [f.readline().rstrip("\r\n") for _ in range(3)]
@@ -157,11 +195,33 @@ class Manifest:
             if tuple(header or ()) != COLUMNS:
                 raise ValueError(f"Manifest.load: {path!r} header must be {','.join(COLUMNS)}, got {header}")
             clips = []
-            for line, row in enumerate(reader, start=5):
+            for row in reader:
+                line = reader.line_num + 3  # the reader starts after the three head lines
+                name = row[0] if row else ""
                 if len(row) != len(COLUMNS):
-                    raise ValueError(f"Manifest.load: {path}:{line} must have {len(COLUMNS)} fields, got {row}")
-                clips.append(_clip_from_row(dict(zip(COLUMNS, row))))
+                    _report("Manifest.load", bad, BadRow(path, line, name, "malformed",
+                                                         f"expected {len(COLUMNS)} fields, got {len(row)}"))
+                    continue
+                try:
+                    clip = _clip_from_row(dict(zip(COLUMNS, row)), origin=(path, line))
+                except ValueError as err:
+                    _report("Manifest.load", bad, BadRow(path, line, name, "malformed", str(err)))
+                    continue
+                unknown = _unknown_labels(clip, len(classes))
+                if unknown:
+                    _report("Manifest.load", bad, BadRow(path, line, name, "unknown label", unknown))
+                    continue
+                clips.append(clip)
         return cls(clips=clips, classes=classes, root=root)
+
+
+def _unknown_labels(clip: Clip, n: int) -> str:
+    """What is wrong with the labels of ``clip`` for ``n`` classes ("" when nothing)."""
+    if any(k >= n for k in clip.labels):
+        return f"labels must be < len(classes)={n}, got {clip.labels}"
+    if clip.segment_labels is not None and any(k > n for k in clip.segment_labels):
+        return f"segment_labels must be <= len(classes)={n} (background), got {clip.segment_labels}"
+    return ""
 
 
 def _field(value) -> str:
@@ -172,7 +232,7 @@ def _field(value) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def _clip_from_row(row: dict[str, str]) -> Clip:
+def _clip_from_row(row: dict[str, str], origin: tuple[str, int]) -> Clip:
     def opt(name, kind):
         return None if row[name] == "" else kind(row[name])
 
@@ -183,7 +243,8 @@ def _clip_from_row(row: dict[str, str]) -> Clip:
                 end=opt("end", float), audio_path=opt("audio_path", str),
                 segment_labels=opt("segment_labels", ints), fps=opt("fps", float),
                 num_frames=opt("num_frames", int), duration=opt("duration", float),
-                sample_rate=opt("sample_rate", int), width=opt("width", int), height=opt("height", int))
+                sample_rate=opt("sample_rate", int), width=opt("width", int), height=opt("height", int),
+                origin=origin)
 
 
 # ---------------------------------------------------------------- readers
@@ -235,18 +296,19 @@ def _match(files: set[str], stems: Iterable[str], extensions: Sequence[str]) -> 
     return None
 
 
-def _place(fn: str, rows: list[tuple[list[str], dict]], clips_root: str, extensions, missing: str) -> list[Clip]:
-    """Clips for rows of (candidate stems, Clip fields), resolving files under ``clips_root``."""
+def _place(fn: str, rows: list[tuple[list[str], dict, tuple[str, int]]], clips_root: str, extensions,
+           missing: str) -> list[Clip]:
+    """Clips for rows of (candidate stems, Clip fields, origin), resolving files under ``clips_root``."""
     files = _files_under(clips_root)
     clips, absent = [], []
-    for stems, fields in rows:
+    for stems, fields, origin in rows:
         path = _match(files, stems, extensions)
         if path is None:
             absent.append(stems[0] + extensions[0])
             if missing == "skip":
                 continue
             path = stems[0] + extensions[0]
-        clips.append(Clip(path=path, **fields))
+        clips.append(Clip(path=path, origin=origin, **fields))
     if absent and missing == "error":
         raise FileNotFoundError(
             f"{fn}: {len(absent)} of {len(rows)} clips have no file under {clips_root!r} (extensions "
@@ -280,25 +342,26 @@ def read_folder(root, extensions: Sequence[str] = VIDEO_EXTENSIONS) -> Manifest:
     return Manifest(clips=clips, classes=classes, root=root)
 
 
-def _number(fn: str, where: str, name: str, text: str) -> float:
+def _number(name: str, text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{fn}: {where}: {name} must be a number >= 0, got {text!r}")
+        raise ValueError(f"{name} must be a number >= 0, got {text!r}")
     return value
 
 
 def read_vggsound(csv_path, clips_root, split: str | None = None, *, missing: str = "error",
-                  extensions: Sequence[str] = VIDEO_EXTENSIONS) -> Manifest:
+                  extensions: Sequence[str] = VIDEO_EXTENSIONS, bad: list[BadRow] | None = None) -> Manifest:
     """VGGSound's vggsound.csv (rows ``youtube_id,start_s,label,split``, no header).
 
     Classes are the sorted labels of the whole file (the same indices for every split);
     ``split`` keeps only that split's rows. The clip of (yid, start) is the first of
     {yid}_{start:06d}<ext>, {yid}_{start:06d}_{start+10:06d}<ext>, found in ``clips_root`` or
     in clips_root/<label with each non-alphanumeric character replaced by '_'>/; the file
-    holds only the 10-s clip, so start = 0 and end = None."""
+    holds only the 10-s clip, so start = 0 and end = None. Rows that do not parse raise, or
+    go to ``bad`` when it is a list."""
     fn = "read_vggsound"
     csv_path = _check_file(fn, "csv_path", csv_path)
     clips_root = _check_dir(fn, "clips_root", clips_root)
@@ -310,10 +373,15 @@ def read_vggsound(csv_path, clips_root, split: str | None = None, *, missing: st
             if not row or row[0].startswith("#"):
                 continue
             if len(row) != 4:
-                raise ValueError(f"{fn}: {csv_path}:{line} must have 4 fields youtube_id,start_s,label,split, got {row}")
+                _report(fn, bad, BadRow(csv_path, line, row[0], "malformed",
+                                        f"must have 4 fields youtube_id,start_s,label,split, got {row}"))
+                continue
             yid, start, label, part = (v.strip() for v in row)
-            entries.append((yid, int(_number(fn, f"{csv_path}:{line}", "start_s", start)), label, part))
-    if not entries:
+            try:
+                entries.append((yid, int(_number("start_s", start)), label, part, line))
+            except ValueError as err:
+                _report(fn, bad, BadRow(csv_path, line, yid, "malformed", str(err)))
+    if not entries and not bad:
         raise ValueError(f"{fn}: csv_path must hold rows youtube_id,start_s,label,split, got none in {csv_path!r}")
     splits = sorted({e[3] for e in entries})
     if split is not None and split not in splits:
@@ -321,24 +389,25 @@ def read_vggsound(csv_path, clips_root, split: str | None = None, *, missing: st
     classes = sorted({e[2] for e in entries})
     index = {name: k for k, name in enumerate(classes)}
     rows = []
-    for yid, start, label, part in entries:
+    for yid, start, label, part, line in entries:
         if split is not None and part != split:
             continue
         folder = re.sub(r"[^0-9A-Za-z]", "_", label) + "/"
         names = [f"{yid}_{start:06d}", f"{yid}_{start:06d}_{start + 10:06d}"]
-        rows.append((names + [folder + n for n in names], {"labels": (index[label],)}))
+        rows.append((names + [folder + n for n in names], {"labels": (index[label],)}, (csv_path, line)))
     return Manifest(clips=_place(fn, rows, clips_root, extensions, missing), classes=classes, root=clips_root)
 
 
 def read_ave(annotations_path, clips_root, *, missing: str = "error",
-             extensions: Sequence[str] = VIDEO_EXTENSIONS) -> Manifest:
+             extensions: Sequence[str] = VIDEO_EXTENSIONS, bad: list[BadRow] | None = None) -> Manifest:
     """AVE's Annotations.txt or trainSet/valSet/testSet.txt: '&'-separated
     ``Category&VideoID&Quality&StartTime&EndTime`` (an optional header line first).
 
     Classes: the 28 AVE categories sorted (the same indices for every split file), or the
     file's sorted categories when it has one outside AVE's. Clip file: clips_root/<VideoID><ext>.
     ``labels = (category,)``; ``segment_labels``: 10 entries, second t in [StartTime, EndTime)
-    -> the category, else background = len(classes)."""
+    -> the category, else background = len(classes). Rows that do not parse raise, or go to
+    ``bad`` when it is a list."""
     fn = "read_ave"
     annotations_path = _check_file(fn, "annotations_path", annotations_path)
     clips_root = _check_dir(fn, "clips_root", clips_root)
@@ -352,16 +421,18 @@ def read_ave(annotations_path, clips_root, *, missing: str = "error",
                 continue
             fields = text.split("&")
             if len(fields) != 5:
-                raise ValueError(f"{fn}: {annotations_path}:{line} must be "
-                                 f"Category&VideoID&Quality&StartTime&EndTime, got {text!r}")
-            where = f"{annotations_path}:{line}"
-            start = _number(fn, where, "StartTime", fields[3])
-            end = _number(fn, where, "EndTime", fields[4])
-            if not start < end <= AVE_SEGMENTS:
-                raise ValueError(f"{fn}: {where}: StartTime < EndTime <= {AVE_SEGMENTS} required, "
-                                 f"got {fields[3]}, {fields[4]}")
-            entries.append((fields[0], fields[1], start, end))
-    if not entries:
+                _report(fn, bad, BadRow(annotations_path, line, text, "malformed",
+                                        "must be Category&VideoID&Quality&StartTime&EndTime"))
+                continue
+            try:
+                start, end = _number("StartTime", fields[3]), _number("EndTime", fields[4])
+                if not start < end <= AVE_SEGMENTS:
+                    raise ValueError(f"StartTime < EndTime <= {AVE_SEGMENTS} required, got {fields[3]}, {fields[4]}")
+            except ValueError as err:
+                _report(fn, bad, BadRow(annotations_path, line, fields[1], "malformed", str(err)))
+                continue
+            entries.append((fields[0], fields[1], start, end, line))
+    if not entries and not bad:
         raise ValueError(f"{fn}: annotations_path must hold Category&VideoID&Quality&StartTime&EndTime "
                          f"rows, got none in {annotations_path!r}")
     found = {e[0] for e in entries}
@@ -369,22 +440,23 @@ def read_ave(annotations_path, clips_root, *, missing: str = "error",
     index = {name: k for k, name in enumerate(classes)}
     background = len(classes)
     rows = []
-    for category, vid, start, end in entries:
+    for category, vid, start, end, line in entries:
         k = index[category]
         segments = tuple(k if start <= t < end else background for t in range(AVE_SEGMENTS))
-        rows.append(([vid], {"labels": (k,), "segment_labels": segments}))
+        rows.append(([vid], {"labels": (k,), "segment_labels": segments}, (annotations_path, line)))
     return Manifest(clips=_place(fn, rows, clips_root, extensions, missing), classes=classes, root=clips_root)
 
 
 def read_audioset(segments_csv, class_labels_csv, clips_root, *, missing: str = "error",
-                  extensions: Sequence[str] = VIDEO_EXTENSIONS) -> Manifest:
+                  extensions: Sequence[str] = VIDEO_EXTENSIONS, bad: list[BadRow] | None = None) -> Manifest:
     """AudioSet segments (``# ...`` comment lines, then rows ``YTID, start, end, "m1,m2"``)
     with class_labels_indices.csv (``index,mid,display_name``; classes = display names by index).
 
     The clip of (YTID, start, end) is the first of {YTID}_{start:06d}, {YTID}_{start:06d}_
     {end:06d} (whole seconds), {YTID}_{start}_{end} and {YTID}_{start} (as written in the CSV),
     {YTID}, in ``clips_root`` or clips_root/<YTID[:2]>/; it holds the cut segment, so
-    start = 0 and end = None."""
+    start = 0 and end = None. Rows that do not parse or name a mid that class_labels_csv
+    does not list raise, or go to ``bad`` when it is a list."""
     fn = "read_audioset"
     segments_csv = _check_file(fn, "segments_csv", segments_csv)
     class_labels_csv = _check_file(fn, "class_labels_csv", class_labels_csv)
@@ -408,30 +480,36 @@ def read_audioset(segments_csv, class_labels_csv, clips_root, *, missing: str = 
         for line, row in enumerate(csv.reader(f, skipinitialspace=True), start=1):
             if not row or row[0].startswith("#"):
                 continue
-            where = f"{segments_csv}:{line}"
             if len(row) != 4:
-                raise ValueError(f"{fn}: {where} must have 4 fields YTID,start,end,\"labels\", got {row}")
+                _report(fn, bad, BadRow(segments_csv, line, row[0], "malformed",
+                                        f"must have 4 fields YTID,start,end,\"labels\", got {row}"))
+                continue
             ytid, start_text, end_text, mids = (v.strip() for v in row)
-            start = int(_number(fn, where, "start", start_text))
-            end = int(_number(fn, where, "end", end_text))
+            try:
+                start, end = int(_number("start", start_text)), int(_number("end", end_text))
+            except ValueError as err:
+                _report(fn, bad, BadRow(segments_csv, line, ytid, "malformed", str(err)))
+                continue
             unknown = [m for m in mids.split(",") if m not in mid_index]
             if unknown or not mids:
-                raise ValueError(f"{fn}: {where}: labels must be mids listed in {class_labels_csv}, got {unknown or mids!r}")
+                _report(fn, bad, BadRow(segments_csv, line, ytid, "unknown label",
+                                        f"labels must be mids listed in {class_labels_csv}, got {unknown or mids!r}"))
+                continue
             names = [f"{ytid}_{start:06d}", f"{ytid}_{start:06d}_{end:06d}",
                      f"{ytid}_{start_text}_{end_text}", f"{ytid}_{start_text}", ytid]
             labels = tuple(mid_index[m] for m in mids.split(","))
-            rows.append((names + [f"{ytid[:2]}/{n}" for n in names], {"labels": labels}))
-    if not rows:
+            rows.append((names + [f"{ytid[:2]}/{n}" for n in names], {"labels": labels}, (segments_csv, line)))
+    if not rows and not bad:
         raise ValueError(f"{fn}: segments_csv must hold rows YTID,start,end,\"labels\", got none in {segments_csv!r}")
     return Manifest(clips=_place(fn, rows, clips_root, extensions, missing), classes=classes, root=clips_root)
 
 
-def read_manifest(path, *, clips_root=None, missing: str = "error") -> Manifest:
+def read_manifest(path, *, clips_root=None, missing: str = "error", bad: list[BadRow] | None = None) -> Manifest:
     """Read ``path`` by what it holds: a folder (``read_folder``), an avfast manifest
     (``Manifest.load``), AVE annotations (``read_ave``), AudioSet segments with
     class_labels_indices.csv beside them (``read_audioset``) or VGGSound's CSV
     (``read_vggsound``). ``clips_root`` (default: the file's folder) is where the readers of
-    dataset files look for clips; ``missing`` as for them."""
+    dataset files look for clips; ``missing`` and ``bad`` as for them."""
     path = os.fspath(path)
     if os.path.isdir(path):
         return read_folder(path)
@@ -440,17 +518,88 @@ def read_manifest(path, *, clips_root=None, missing: str = "error") -> Manifest:
     with open(path, encoding="utf-8") as f:
         first = next((line.strip() for line in f if line.strip()), "")
     if first == MAGIC:
-        return Manifest.load(path)
+        return Manifest.load(path, bad=bad)
     if first.count("&") == 4:
-        return read_ave(path, root, missing=missing)
+        return read_ave(path, root, missing=missing, bad=bad)
     if first.startswith("#"):
         labels = Path(path).with_name("class_labels_indices.csv")
         if not labels.is_file():
             raise ValueError(f"read_manifest: AudioSet segments need {labels} beside them; "
                              f"call read_audioset(segments_csv, class_labels_csv, clips_root) instead")
-        return read_audioset(path, labels, root, missing=missing)
+        return read_audioset(path, labels, root, missing=missing, bad=bad)
     fields = next(csv.reader([first], skipinitialspace=True))
     if len(fields) == 4:
-        return read_vggsound(path, root, missing=missing)
+        return read_vggsound(path, root, missing=missing, bad=bad)
     raise ValueError(f"read_manifest: path must be a folder, an avfast manifest, AVE annotations, "
                      f"AudioSet segments or VGGSound's CSV, got {path!r} starting with {first[:80]!r}")
+
+
+# ---------------------------------------------------------------- checks
+
+def _escapes(p: str) -> bool:
+    """A relative path that leaves its root once normalised ('../x', 'a/../../x')."""
+    if os.path.isabs(p):
+        return False
+    norm = os.path.normpath(p)
+    return norm == os.pardir or norm.startswith(os.pardir + os.sep)
+
+
+def check_clips(manifest: Manifest, bad: list[BadRow] | None = None) -> Manifest:
+    """The usable clips of ``manifest``. Bad rows: a relative ``path`` or ``audio_path``
+    that leaves the root once normalised ('escapes root'; absolute paths are taken as
+    written, as ``prepare`` writes them), the same (file, start, end) listed again
+    ('duplicate id', the first one is kept) and a file that does not exist ('missing
+    file'). They are appended to ``bad`` and left out, or, with ``bad=None``, raised
+    together as one ValueError (count and the first few)."""
+    found: list[BadRow] = []
+    seen: dict[tuple, Clip] = {}
+    clips = []
+    for clip in manifest.clips:
+        files = [clip.path] + ([clip.audio_path] if clip.audio_path else [])
+        escaping = [p for p in files if _escapes(p)]
+        if escaping:
+            found.append(BadRow.of(clip, "escapes root", f"{escaping[0]!r} leaves root {manifest.root!r}"))
+            continue
+        key = (os.path.abspath(manifest.resolve(clip.path)), clip.start, clip.end)
+        if key in seen:
+            first = seen[key].origin
+            where = seen[key].path if first is None else f"{first[0]}:{first[1]}"
+            found.append(BadRow.of(clip, "duplicate id", f"the same file, start and end as {where}"))
+            continue
+        seen[key] = clip
+        absent = [p for p in files if not os.path.isfile(manifest.resolve(p))]
+        if absent:
+            found.append(BadRow.of(clip, "missing file", f"no file at {manifest.resolve(absent[0])!r}"))
+            continue
+        clips.append(clip)
+    if found and bad is None:
+        raise ValueError(f"check_clips: {len(found)} of {len(manifest)} rows cannot be used, first: "
+                         + "; ".join(str(b) for b in found[:SHOW]))
+    if bad is not None:
+        bad.extend(found)
+    return Manifest(clips=clips, classes=manifest.classes, root=manifest.root)
+
+
+def align_classes(manifest: Manifest, classes: Sequence[str], bad: list[BadRow] | None = None) -> Manifest:
+    """``manifest`` with its labels re-indexed to ``classes`` by name (e.g. a validation set
+    read on its own, whose class list may miss some of the training set's). A clip with a
+    class that ``classes`` does not list is an 'unknown label' row: appended to ``bad`` and
+    left out, or raised (with ``bad=None``)."""
+    classes = list(classes)
+    if manifest.classes == classes:
+        return manifest
+    index = {name: k for k, name in enumerate(classes)}
+    old_bg, new_bg = len(manifest.classes), len(classes)
+    clips = []
+    for clip in manifest.clips:
+        names = [manifest.classes[k] for k in clip.labels]
+        segments = [k for k in clip.segment_labels or () if k != old_bg]
+        unknown = sorted({n for n in names + [manifest.classes[k] for k in segments] if n not in index})
+        if unknown:
+            _report("align_classes", bad, BadRow.of(clip, "unknown label", f"classes {unknown} are not among "
+                                                    f"the {len(classes)} expected ({classes[:SHOW]}...)"))
+            continue
+        seg = None if clip.segment_labels is None else tuple(
+            new_bg if k == old_bg else index[manifest.classes[k]] for k in clip.segment_labels)
+        clips.append(dataclasses.replace(clip, labels=tuple(index[n] for n in names), segment_labels=seg))
+    return Manifest(clips=clips, classes=classes, root=manifest.root)

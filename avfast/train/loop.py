@@ -5,10 +5,16 @@ bf16 autocast on CUDA, AdamW on the trainable parameters with a warm-up + cosine
 a tqdm bar with clips/s, JSON-lines logs, atomic checkpoints (``last.pt`` at every epoch end
 and every ``checkpoint_every`` steps, ``best.pt`` on the best validation accuracy) and exact
 resume: the data order, crops and random generators continue where they stopped.
+
+Bad rows (a missing file, an unknown label, a duplicate id, a path escaping the data root,
+a row that does not parse, a clip the decoder cannot read) are left out and reported with
+their file and row number: a ``bad_row`` event each in log.jsonl, and their counts by
+reason in the ``summary`` event and line that end ``fit``.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import importlib.util
 import json
@@ -22,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from avfast.data.manifest import Manifest, read_manifest
+from avfast.data.manifest import BadRow, Manifest, align_classes, check_clips, read_manifest
 from avfast.data.presets import Preset, get_preset
 from avfast.models import build_model
 from avfast.nn.contrastive import local_negatives
@@ -67,10 +73,15 @@ DEFAULT_BACKGROUND_P = {"mavt": 0.2}  # MA-AVT's bg_prob
 PER_SECOND = ("stgcma", "dgsct")  # per-second heads whose last class is "background"
 
 
-def load_manifest(path: str) -> Manifest:
-    """A folder of clips, a prepared folder (its manifest.csv) or a manifest file."""
+def load_manifest(path: str, bad: list[BadRow] | None = None) -> Manifest:
+    """The usable rows of a folder of clips, a prepared folder (its manifest.csv) or a
+    manifest file; the others are appended to ``bad`` (raised with ``bad=None``)."""
     prepared = Path(path) / "manifest.csv"
-    return Manifest.load(prepared) if prepared.is_file() else read_manifest(path)
+    if prepared.is_file():
+        manifest = Manifest.load(prepared, bad=bad)
+    else:
+        manifest = read_manifest(path, missing="keep", bad=bad)
+    return check_clips(manifest, bad)
 
 
 def split_manifest(manifest: Manifest, fraction: float, seed: int) -> tuple[Manifest, Manifest]:
@@ -166,6 +177,12 @@ def accuracy_counts(logits: torch.Tensor, batch: dict) -> tuple[int, int]:
     return int((pred == target).sum()), target.numel()
 
 
+def _by_reason(rows: list[BadRow]) -> str:
+    """'reason: count, ...' of ``rows``, reasons sorted."""
+    counts = collections.Counter(row.reason for row in rows)
+    return ", ".join(f"{reason}: {n}" for reason, n in sorted(counts.items()))
+
+
 class Trainer:
     """One run: model, data, optimizer, logs and checkpoints under ``cfg.out``."""
 
@@ -188,11 +205,20 @@ class Trainer:
             torch.cuda.set_device(self.device)
         torch.manual_seed(cfg.seed + self.rank)
         self.out = Path(cfg.out)
-        manifest = load_manifest(cfg.data)
+        self.bad_rows: list[BadRow] = []  # of the manifests, then clips found unreadable
+        manifest = load_manifest(cfg.data, self.bad_rows)
+        if not len(manifest):
+            raise ValueError(f"data: expected usable clips in {cfg.data!r}, got none of "
+                             f"{len(self.bad_rows)} rows: " + "; ".join(map(str, self.bad_rows[:5])))
         if cfg.val_data:
-            self.train_set, self.val_set = manifest, load_manifest(cfg.val_data)
+            val = align_classes(load_manifest(cfg.val_data, self.bad_rows), manifest.classes, self.bad_rows)
+            self.train_set, self.val_set = manifest, val
         else:
             self.train_set, self.val_set = split_manifest(manifest, cfg.val_fraction, cfg.seed)
+        self.bad_rows.sort(key=lambda row: (row.file, row.row or 0))
+        if self.rank == 0 and self.bad_rows:
+            print(f"data: left out {len(self.bad_rows)} rows ({_by_reason(self.bad_rows)}), first: "
+                  f"{self.bad_rows[0]}", flush=True)
         self.num_classes = cfg.num_classes or num_classes_of(manifest, cfg.method)
         overrides = dict(cfg.model_overrides)
         if cfg.pretrain:
@@ -267,7 +293,8 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "epoch": self.epoch,
                 "batch_in_epoch": self.batch_in_epoch, "step": self.step, "best": self.best,
                 "config": dataclasses.asdict(self.cfg), "classes": self.train_set.classes,
-                "num_classes": self.num_classes}
+                "num_classes": self.num_classes,
+                "unreadable": [dataclasses.asdict(b) for b in self.bad_rows if b.reason == "unreadable"]}
 
     def restore(self, ckpt: dict[str, Any]) -> None:
         self.model.load_state_dict(ckpt["model"])
@@ -275,6 +302,7 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.epoch, self.batch_in_epoch = ckpt["epoch"], ckpt["batch_in_epoch"]
         self.step, self.best = ckpt["step"], ckpt["best"]
+        self._add_bad([BadRow(**fields) for fields in ckpt.get("unreadable", [])])
         states = ckpt["rng"]
         if isinstance(states, list):  # one per rank
             if len(states) != self.world:
@@ -293,6 +321,36 @@ class Trainer:
             states = gathered
         if self.rank == 0:
             save_checkpoint(self.out / name, keep_previous=name == "last.pt", rng=states, **self.state())
+
+    def _add_bad(self, rows: list[BadRow]) -> list[BadRow]:
+        """Append the rows not yet in ``bad_rows``; returns those."""
+        known = set(self.bad_rows)
+        new = [row for row in dict.fromkeys(rows) if row not in known]
+        self.bad_rows.extend(new)
+        return new
+
+    def _note_unreadable(self) -> None:
+        """The clips the loaders found unreadable (every rank's, under DDP) become bad rows;
+        each new one is logged."""
+        found = [BadRow.of(clips[i], "unreadable", message)
+                 for loader, clips in ((self.train_loader, self.train_set), (self.val_loader, self.val_set))
+                 if loader is not None for i, (_, message) in sorted(loader.unreadable.items())]
+        if self.world > 1:
+            gathered: list[Any] = [None] * self.world
+            dist.all_gather_object(gathered, found)
+            found = [row for part in gathered for row in part]
+        for row in self._add_bad(found):
+            self.log({"event": "bad_row", **dataclasses.asdict(row)})
+
+    def _summary(self, result: dict[str, float]) -> None:
+        """The ``summary`` event and line: steps, clips used, bad rows by reason."""
+        counts = collections.Counter(row.reason for row in self.bad_rows)
+        used = len(self.train_set) + len(self.val_set) - counts["unreadable"]
+        self.log({"event": "summary", "step": self.step, "clips_used": used, "bad_rows": dict(counts), **result})
+        if self.rank == 0:
+            bad = (f"{len(self.bad_rows)} bad rows left out ({_by_reason(self.bad_rows)}), each a bad_row "
+                   f"event in {self.out / 'log.jsonl'}") if self.bad_rows else "no bad rows"
+            print(f"summary: {self.step} steps, {used} clips used, {bad}", flush=True)
 
     def log(self, record: dict[str, Any]) -> None:
         if self.rank == 0:
@@ -359,6 +417,8 @@ class Trainer:
                   "device": str(self.device), "train_clips": len(self.train_set), "val_clips": len(self.val_set)})
         for note in self.resume_notes:
             self.log(note)
+        for row in self.bad_rows:
+            self.log({"event": "bad_row", **dataclasses.asdict(row)})
         while self.epoch < cfg.epochs and not self._done():
             loader = self.train_loader
             loader.set_epoch(self.epoch)
@@ -388,6 +448,7 @@ class Trainer:
             # evaluate, then best.pt, then last.pt: a kill before last.pt is written replays
             # this stretch from the previous last.pt, evaluation and best.pt included
             result = self.evaluate() if self.val_loader is not None else {}
+            self._note_unreadable()
             score = result.get("val_accuracy", -result.get("val_loss", math.inf))
             improved = bool(result) and score > self.best
             if improved:
@@ -397,6 +458,7 @@ class Trainer:
             self.log({**event, **result})
             if self.rank == 0 and result:
                 print(f"{event['event']} {event['epoch']}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        self._summary(result)
         return result
 
     def _done(self) -> bool:
