@@ -1,0 +1,108 @@
+"""Audio-visual segmentation (AVSBench S4 / MS3): the benchmark's two mask metrics.
+
+AVSBench scores sigmoid probabilities ``prob`` (N, H, W) against binary masks ``target``
+(N, H, W), frame by frame:
+
+- IoU of ``prob > 0.5`` with the mask; a frame whose mask is empty scores the IoU of the
+  background instead (pixels where both are 0, over all pixels). mIoU is the mean over frames.
+- F-score with beta^2 = 0.3 at 255 thresholds ``linspace(0, 1 - 1e-10, 255)`` (a pixel is
+  predicted when ``prob >= threshold``; 0/0 counts as 0). Frames with an empty mask are left
+  out; the per-threshold scores are averaged over frames and the best threshold is reported.
+
+``MaskMetrics`` accumulates over a whole split, so its result does not depend on how frames
+are batched (AVSBench's script averages per-batch values, which equals this when every batch
+has the same number of frames, and for F-score the same number of non-empty frames).
+"""
+
+from __future__ import annotations
+
+import torch
+
+IOU_EPS = 1e-7  # AVSBench's eps in inter / (union + eps)
+PR_EPS = 1e-20  # AVSBench's eps in the precision and recall denominators
+BETA2 = 0.3
+THRESHOLDS = 255
+
+
+def _check(prob: torch.Tensor, target: torch.Tensor) -> None:
+    for name, t in (("prob", prob), ("target", target)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name}: expected (N, H, W), got shape {tuple(t.shape)}")
+    if prob.shape != target.shape:
+        raise ValueError(f"target: expected the shape of prob {tuple(prob.shape)}, got {tuple(target.shape)}")
+    if not prob.is_floating_point():
+        raise TypeError(f"prob: expected a floating-point tensor of probabilities, got {prob.dtype}")
+    if prob.numel() and not bool(((prob >= 0) & (prob <= 1)).all()):
+        bad = prob[~((prob >= 0) & (prob <= 1))][0].item()
+        raise ValueError(f"prob: expected probabilities in [0, 1] (apply sigmoid to logits), got {bad}")
+    if target.numel() and not bool(((target == 0) | (target == 1)).all()):
+        bad = target[~((target == 0) | (target == 1))][0].item()
+        raise ValueError(f"target: expected a binary mask (0 or 1), got {bad}")
+
+
+def frame_iou(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(N,) AVSBench IoU of each frame: ``prob > 0.5`` against ``target``, or the background
+    IoU for a frame whose mask is empty."""
+    _check(prob, target)
+    pred, mask = (prob > 0.5).flatten(1).double(), target.flatten(1).double()
+    inter, union = (pred * mask).sum(1), torch.maximum(pred, mask).sum(1)
+    empty = mask.sum(1) == 0
+    inter = torch.where(empty, ((1 - pred) * (1 - mask)).sum(1), inter)
+    union = torch.where(empty, torch.full_like(union, mask.shape[1]), union)
+    return inter / (union + IOU_EPS)
+
+
+def frame_fscores(prob: torch.Tensor, target: torch.Tensor, beta2: float = BETA2,
+                  thresholds: int = THRESHOLDS) -> torch.Tensor:
+    """(N, thresholds) F-score of each frame at each AVSBench threshold (0/0 = 0). Counts
+    come from one histogram per frame (exact: a pixel counts at threshold t when prob >= t)."""
+    _check(prob, target)
+    if isinstance(thresholds, bool) or not isinstance(thresholds, int) or thresholds < 1:
+        raise ValueError(f"thresholds: expected an integer >= 1, got {thresholds!r}")
+    if not beta2 > 0:
+        raise ValueError(f"beta2: expected a number > 0, got {beta2!r}")
+    p, mask = prob.flatten(1).double(), target.flatten(1).double()
+    n, pixels = p.shape
+    edges = torch.linspace(0, 1 - 1e-10, thresholds, dtype=torch.float32).double()
+    # bin b = how many thresholds are <= p: the pixel is predicted at thresholds 0..b-1
+    bins = torch.searchsorted(edges, p.contiguous(), right=True)
+    counts = torch.zeros(n, thresholds + 1, dtype=torch.float64).scatter_add_(1, bins, torch.ones_like(p))
+    hits = torch.zeros(n, thresholds + 1, dtype=torch.float64).scatter_add_(1, bins, mask)
+    predicted = counts.flip(1).cumsum(1).flip(1)[:, 1:]  # predicted[t] = #(bin > t)
+    tp = hits.flip(1).cumsum(1).flip(1)[:, 1:]
+    precision = tp / (predicted + PR_EPS)
+    recall = tp / (mask.sum(1, keepdim=True) + PR_EPS)
+    f = (1 + beta2) * precision * recall / (beta2 * precision + recall)
+    return torch.nan_to_num(f, nan=0.0)
+
+
+class MaskMetrics:
+    """AVSBench mIoU and F-score accumulated over frames: ``update(prob, target)`` per batch
+    of (N, H, W) probabilities and binary masks, then ``compute()`` ->
+    {"miou", "fscore", "frames", "fscore_frames"}. fscore is NaN when no frame had a
+    non-empty mask (it is undefined there)."""
+
+    def __init__(self, beta2: float = BETA2, thresholds: int = THRESHOLDS):
+        self.beta2, self.thresholds = beta2, thresholds
+        self.iou_sum, self.frames = 0.0, 0
+        self.f_sum = torch.zeros(thresholds, dtype=torch.float64)
+        self.f_frames = 0
+
+    @torch.no_grad()
+    def update(self, prob: torch.Tensor, target: torch.Tensor) -> None:
+        prob, target = prob.detach().float().cpu(), target.detach().cpu()
+        self.iou_sum += float(frame_iou(prob, target).sum())
+        self.frames += prob.shape[0]
+        present = target.flatten(1).sum(1) > 0
+        if bool(present.any()):
+            self.f_sum += frame_fscores(prob[present], target[present], self.beta2, self.thresholds).sum(0)
+            self.f_frames += int(present.sum())
+
+    def compute(self) -> dict[str, float]:
+        if not self.frames:
+            raise ValueError("MaskMetrics.compute: expected at least one update, got none")
+        fscore = float((self.f_sum / self.f_frames).max()) if self.f_frames else float("nan")
+        return {"miou": self.iou_sum / self.frames, "fscore": fscore, "frames": self.frames,
+                "fscore_frames": self.f_frames}

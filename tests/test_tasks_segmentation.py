@@ -1,0 +1,110 @@
+"""avfast.tasks.segmentation: AVSBench's mIoU and F-score on hand-computed cases, against a
+literal per-threshold loop on random frames, and their input checks."""
+
+import math
+
+import pytest
+import torch
+
+from avfast.tasks.segmentation import MaskMetrics, frame_fscores, frame_iou
+from seeding import fresh_seed
+
+F_HALF = 1.3 * 0.5 / (0.3 * 0.5 + 1)  # precision 1/2, recall 1
+
+
+def test_iou_by_hand_including_an_empty_mask():
+    prob = torch.tensor([[[0.9, 0.6], [0.1, 0.2]], [[0.0, 0.4], [0.3, 0.7]]])
+    target = torch.tensor([[[1, 0], [0, 0]], [[0, 0], [0, 0]]])
+    # frame 0: predicted {0, 1}, mask {0}: 1 / 2; frame 1 (empty mask): 3 background pixels of 4
+    torch.testing.assert_close(frame_iou(prob, target), torch.tensor([0.5, 0.75], dtype=torch.float64),
+                               rtol=0, atol=1e-6)
+    m = MaskMetrics()
+    m.update(prob[:1], target[:1])
+    m.update(prob[1:], target[1:])
+    assert m.compute()["miou"] == pytest.approx(0.625, abs=1e-6) and m.compute()["frames"] == 2
+
+
+def test_fscore_is_the_best_threshold_of_the_frame_mean_by_hand():
+    prob = torch.tensor([[[0.8, 0.3]], [[0.9, 0.2]], [[0.5, 0.5]]])
+    target = torch.tensor([[[1, 0]], [[0, 1]], [[0, 0]]])  # the empty frame is left out of F
+    f = frame_fscores(prob[:2], target[:2])
+    t = torch.linspace(0, 1 - 1e-10, 255).double()  # float32 thresholds, as AVSBench
+    # frame 0: t <= 0.3 both pixels (P 1/2, R 1), 0.3 < t <= 0.8 only the masked one (F 1), then none (0)
+    half, one, zero = (torch.full_like(t, v) for v in (F_HALF, 1.0, 0.0))
+    expected0 = torch.where(t <= 0.3, half, torch.where(t <= 0.8, one, zero))
+    # frame 1: t <= 0.2 both (F_HALF); above, only the wrong pixel or none: 0
+    expected1 = torch.where(t <= 0.2, half, zero)
+    torch.testing.assert_close(f, torch.stack([expected0, expected1]), rtol=0, atol=1e-12)
+    m = MaskMetrics()
+    m.update(prob, target)
+    out = m.compute()
+    # the mean over frames peaks at F_HALF (t <= 0.2), not at the mean of each frame's best (0.78)
+    assert out["fscore"] == pytest.approx(F_HALF, abs=1e-12) and out["fscore_frames"] == 2
+
+
+def literal_fscores(prob, target, num=255):
+    """The definition, one frame and one threshold at a time."""
+    out = torch.zeros(prob.shape[0], num, dtype=torch.float64)
+    for i in range(prob.shape[0]):
+        for k, th in enumerate(torch.linspace(0, 1 - 1e-10, num)):
+            pred = (prob[i] >= th).double()
+            tp = float((pred * target[i]).sum())
+            p, r = tp / (float(pred.sum()) + 1e-20), tp / (float(target[i].sum()) + 1e-20)
+            f = 1.3 * p * r / (0.3 * p + r) if 0.3 * p + r > 0 else 0.0
+            out[i, k] = 0.0 if math.isnan(f) else f
+    return out
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 7, 5), (2, 17, 33)])
+def test_fscores_and_iou_equal_the_literal_definition_on_random_frames(shape):
+    fresh_seed()
+    prob = torch.rand(shape)
+    prob[0].view(-1)[:3] = torch.tensor([0.0, 1.0, 0.5])[: prob[0].numel()]  # the edges
+    target = (torch.rand(shape) < 0.3).long()
+    view = prob.transpose(1, 2).contiguous().transpose(1, 2)  # a non-contiguous view
+    torch.testing.assert_close(frame_fscores(view, target), literal_fscores(prob, target), rtol=0, atol=1e-12)
+    literal_iou = []
+    for p, t in zip(prob, target):
+        pred = (p > 0.5).double()
+        if t.sum() == 0:
+            literal_iou.append(float(((1 - pred) * (1 - t)).sum()) / (t.numel() + 1e-7))
+        else:
+            literal_iou.append(float((pred * t).sum()) / (float(torch.maximum(pred, t.double()).sum()) + 1e-7))
+    torch.testing.assert_close(frame_iou(view, target), torch.tensor(literal_iou, dtype=torch.float64),
+                               rtol=0, atol=1e-12)
+
+
+def test_metrics_do_not_depend_on_batching():
+    fresh_seed()
+    prob, target = torch.rand(7, 9, 9), (torch.rand(7, 9, 9) < 0.2).long()
+    target[2] = 0
+    whole, parts = MaskMetrics(), MaskMetrics()
+    whole.update(prob, target)
+    for a, b in ((0, 1), (1, 4), (4, 7)):
+        parts.update(prob[a:b], target[a:b])
+    assert whole.compute() == pytest.approx(parts.compute(), abs=1e-12)
+
+
+def test_no_foreground_frame_gives_nan_fscore_and_no_update_is_an_error():
+    m = MaskMetrics()
+    with pytest.raises(ValueError, match="expected at least one update, got none"):
+        m.compute()
+    m.update(torch.zeros(2, 3, 3), torch.zeros(2, 3, 3))
+    out = m.compute()
+    assert out["miou"] == pytest.approx(1.0, abs=1e-6) and math.isnan(out["fscore"])
+
+
+@pytest.mark.parametrize("prob, target, match", [
+    (torch.rand(2, 3), torch.zeros(2, 3), r"prob: expected \(N, H, W\), got shape \(2, 3\)"),
+    (torch.rand(2, 3, 3), torch.zeros(2, 3, 4), r"target: expected the shape of prob \(2, 3, 3\), got \(2, 3, 4\)"),
+    (torch.full((1, 2, 2), 2.5), torch.zeros(1, 2, 2), r"prob: expected probabilities in \[0, 1\] .*got 2.5"),
+    (torch.full((1, 2, 2), float("nan")), torch.zeros(1, 2, 2), r"prob: expected probabilities in \[0, 1\] .*got nan"),
+    (torch.rand(1, 2, 2), torch.full((1, 2, 2), 3), r"target: expected a binary mask \(0 or 1\), got 3"),
+    (torch.ones(1, 2, 2, dtype=torch.long), torch.zeros(1, 2, 2), r"prob: expected a floating-point tensor"),
+    ([[[0.5]]], torch.zeros(1, 1, 1), r"prob: expected a tensor, got list"),
+])
+def test_bad_inputs_name_the_argument(prob, target, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        frame_iou(prob, target)
+    with pytest.raises((ValueError, TypeError), match=match):
+        frame_fscores(prob, target)
