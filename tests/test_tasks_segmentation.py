@@ -108,3 +108,26 @@ def test_bad_inputs_name_the_argument(prob, target, match):
         frame_iou(prob, target)
     with pytest.raises((ValueError, TypeError), match=match):
         frame_fscores(prob, target)
+
+
+def test_mask_loss_is_upstream_bce_of_the_supervised_frames_plus_an_optional_soft_iou():
+    from avfast.tasks.segmentation import mask_loss
+
+    fresh_seed()
+    logits = (torch.randn(4, 5, 6, dtype=torch.float64) * 3).requires_grad_()
+    target = (torch.rand(4, 5, 6) < 0.4).double()
+    first = torch.tensor([True, False, True, False])  # S4: the first frame of each clip
+    upstream = torch.nn.BCELoss()(torch.sigmoid(logits[first]), target[first])
+    torch.testing.assert_close(mask_loss(logits, target, first), upstream, rtol=1e-12, atol=1e-12)
+    p, t = torch.sigmoid(logits[first]).flatten(1), target[first].flatten(1)
+    soft_iou = (1 - (p * t).sum(1) / (p + t - p * t).sum(1)).mean()
+    total = mask_loss(logits, target, first, iou_weight=0.5)
+    torch.testing.assert_close(total, upstream + 0.5 * soft_iou, rtol=1e-12, atol=1e-12)
+    total.backward()
+    assert logits.grad[~first].abs().max() == 0 and logits.grad[first].abs().max() > 0
+    with pytest.raises(ValueError, match=r"supervised: expected a bool tensor of shape \(4,\), got torch.int64 \(4,\)"):
+        mask_loss(logits, target, first.long())
+    with pytest.raises(ValueError, match="supervised: expected at least one supervised frame, got none"):
+        mask_loss(logits, target, torch.zeros(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"target: expected the shape of logits \(4, 5, 6\), got \(4, 5, 5\)"):
+        mask_loss(logits, target[..., :5])

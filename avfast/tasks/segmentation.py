@@ -1,4 +1,11 @@
-"""Audio-visual segmentation (AVSBench S4 / MS3): the benchmark's two mask metrics.
+"""Audio-visual segmentation (AVSBench S4 / MS3): the training loss and the benchmark's two
+mask metrics.
+
+Loss: upstream's ``F1_IoU_BCELoss`` / ``F5_IoU_BCELoss`` are, despite the name, binary
+cross-entropy of sigmoid(logits) against the masks, averaged over the pixels of the
+supervised frames (S4: the first of each clip's 5 frames; MS3: all 5). ``mask_loss``
+computes it from the logits (stable; upstream's BCELoss clamps log at -100, which only
+matters past |logit| ~ 100) and can add a soft-IoU term (``iou_weight``, 0 = upstream).
 
 AVSBench scores sigmoid probabilities ``prob`` (N, H, W) against binary masks ``target``
 (N, H, W), frame by frame:
@@ -40,6 +47,35 @@ def _check(prob: torch.Tensor, target: torch.Tensor) -> None:
     if target.numel() and not bool(((target == 0) | (target == 1)).all()):
         bad = target[~((target == 0) | (target == 1))][0].item()
         raise ValueError(f"target: expected a binary mask (0 or 1), got {bad}")
+
+
+def mask_loss(logits: torch.Tensor, target: torch.Tensor, supervised: torch.Tensor | None = None,
+              iou_weight: float = 0.0) -> torch.Tensor:
+    """Mean BCE over the pixels of the supervised frames, plus ``iou_weight`` times the mean
+    soft-IoU loss 1 - sum(p t) / sum(p + t - p t) over those frames. ``logits``, ``target``
+    (N, H, W); ``supervised``: (N,) bool, None = every frame. Returns a scalar."""
+    for name, t in (("logits", logits), ("target", target)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"{name}: expected an (N, H, W) tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if target.shape != logits.shape:
+        raise ValueError(f"target: expected the shape of logits {tuple(logits.shape)}, got {tuple(target.shape)}")
+    if supervised is not None:
+        if supervised.dtype != torch.bool or supervised.shape != logits.shape[:1]:
+            raise ValueError(f"supervised: expected a bool tensor of shape ({logits.shape[0]},), got "
+                             f"{supervised.dtype} {tuple(supervised.shape)}")
+        if not bool(supervised.any()):
+            raise ValueError("supervised: expected at least one supervised frame, got none")
+        logits, target = logits[supervised], target[supervised]
+    if not iou_weight >= 0:
+        raise ValueError(f"iou_weight: expected a number >= 0, got {iou_weight!r}")
+    target = target.to(logits.dtype)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+    if iou_weight:
+        p, t = torch.sigmoid(logits).flatten(1), target.flatten(1)
+        inter = (p * t).sum(1)
+        loss = loss + iou_weight * (1 - inter / (p.sum(1) + t.sum(1) - inter).clamp_min(IOU_EPS)).mean()
+    return loss
 
 
 def frame_iou(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
