@@ -303,6 +303,14 @@ def test_bad_manifest_row_is_reported_with_its_file_and_row_and_the_good_rows_ke
         check_clips(read_manifest(path))
 
 
+def test_blank_lines_are_not_rows(tmp_path):
+    path, _ = bad_manifest(tmp_path, "duplicate id")
+    path.write_text(path.read_text().replace("\na/3.mkv", "\n\na/3.mkv") + "\n")
+    bad = []
+    m = Manifest.load(path, bad=bad)
+    assert [c.origin[1] for c in m.clips] == [5, 6, 7, 9] and bad == []
+
+
 def test_bad_row_details_name_the_cause(tmp_path):
     details = {}
     for kind in ("missing file", "duplicate id", "path normalising outside", "unknown label"):

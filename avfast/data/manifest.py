@@ -196,6 +196,8 @@ class Manifest:
                 raise ValueError(f"Manifest.load: {path!r} header must be {','.join(COLUMNS)}, got {header}")
             clips = []
             for row in reader:
+                if not row:  # a blank line holds no clip
+                    continue
                 line = reader.line_num + 3  # the reader starts after the three head lines
                 name = row[0] if row else ""
                 if len(row) != len(COLUMNS):
