@@ -2,6 +2,7 @@
 literal per-threshold loop on random frames, and their input checks."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -131,3 +132,68 @@ def test_mask_loss_is_upstream_bce_of_the_supervised_frames_plus_an_optional_sof
         mask_loss(logits, target, torch.zeros(4, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"target: expected the shape of logits \(4, 5, 6\), got \(4, 5, 5\)"):
         mask_loss(logits, target[..., :5])
+
+
+def avsbench_tree(root, subset):
+    """A tiny AVSBench tree: S4 rows (id, category, split) or MS3 rows (id, split), with
+    every file of clips 'a' (train) and 'b' (test), and clip 'c' (test) missing its wav."""
+    from avfast.tasks.segmentation import _avs_paths
+
+    folder, meta, data = {"s4": ("Single-source", "s4_meta_data.csv", "s4_data"),
+                          "ms3": ("Multi-sources", "ms3_meta_data.csv", "ms3_data")}[subset]
+    base = root / folder
+    base.mkdir(parents=True)
+    rows = [("a", "dog", "train"), ("b", "cat", "test"), ("c", "cat", "test")]
+    header = "name,category,split" if subset == "s4" else "name,split"
+    lines = [",".join(r if subset == "s4" else (r[0], r[2])) for r in rows]
+    (base / meta).write_text(header + "\n" + "\n".join(lines) + "\n")
+    for vid, category, split in rows:
+        frames, masks, audio = _avs_paths(subset, str(base / data), vid, category, split)
+        for p in (*frames, *(m for m in masks if m), *((audio,) if vid != "c" else ())):
+            os.makedirs(os.path.dirname(p), exist_ok=True)
+            open(p, "wb").close()
+    return base / meta
+
+
+@pytest.mark.parametrize("subset", ["s4", "ms3"])
+def test_read_avsbench_reads_its_layout_and_reports_bad_rows(tmp_path, subset):
+    from avfast.tasks.segmentation import read_avsbench
+
+    meta = avsbench_tree(tmp_path, subset)
+    train = read_avsbench(tmp_path, subset, "train")
+    assert [c.id for c in train] == ["a"] and len(train[0].frames) == 5
+    # S4 annotates only the first training frame; MS3 all five
+    assert sum(m is not None for m in train[0].masks) == (1 if subset == "s4" else 5)
+    assert train[0].category == ("dog" if subset == "s4" else "")
+    data = tmp_path / ("Single-source/s4_data" if subset == "s4" else "Multi-sources/ms3_data")
+    if subset == "s4":  # the layout spelled out, not derived from the reader's own helper
+        expected = ("visual_frames/train/dog/a/a_1.png", "gt_masks/train/dog/a/a_1.png", "audio_wav/train/dog/a.wav")
+    else:
+        expected = ("visual_frames/a/a.mp4_1.png", "gt_masks/train/a/a_1.png", "audio_wav/train/a.wav")
+    assert (train[0].frames[0], train[0].masks[0], train[0].audio) == tuple(str(data / e) for e in expected)
+    bad = []
+    test = read_avsbench(tmp_path, subset, "test", bad)
+    assert [c.id for c in test] == ["b"] and all(m is not None for m in test[0].masks)
+    assert [(b.file, b.row, b.path, b.reason) for b in bad] == [(str(meta), 4, "c", "missing file")]
+    assert "c.wav" in bad[0].detail
+    with pytest.raises(ValueError, match=f"read_avsbench: {meta}:4: missing file: c "):
+        read_avsbench(tmp_path, subset, "test")
+
+
+def test_read_avsbench_rejects_a_malformed_layout(tmp_path):
+    from avfast.tasks.segmentation import read_avsbench
+
+    with pytest.raises(ValueError, match="subset: expected one of \\['ms3', 's4'\\], got 'avss'"):
+        read_avsbench(tmp_path, "avss", "train")
+    with pytest.raises(ValueError, match="split: expected 'train', 'val' or 'test', got 'dev'"):
+        read_avsbench(tmp_path, "s4", "dev")
+    with pytest.raises(FileNotFoundError, match="root must hold Single-source/s4_meta_data.csv"):
+        read_avsbench(tmp_path, "s4", "train")
+    meta = avsbench_tree(tmp_path, "s4")
+    meta.write_text("name,split\na,train\n")
+    with pytest.raises(ValueError, match=r"must have a header .* columns \['split', 'category'\], got \['name', 'split'\]"):
+        read_avsbench(tmp_path, "s4", "train")
+    meta.write_text("name,category,split\n../../etc,dog,train\na,dog\n")
+    bad = []
+    assert read_avsbench(tmp_path, "s4", "train", bad) == []
+    assert [(b.row, b.reason) for b in bad] == [(2, "escapes root"), (3, "malformed")]

@@ -135,7 +135,7 @@ class BadRow:
         return f"{where}: {self.reason}: {self.path}" + (f" ({self.detail})" if self.detail else "")
 
 
-def _report(fn: str, bad: list[BadRow] | None, row: BadRow) -> None:
+def report_bad_row(fn: str, bad: list[BadRow] | None, row: BadRow) -> None:
     """Append ``row`` to ``bad``; with no list, raise it as a ValueError."""
     if bad is None:
         raise ValueError(f"{fn}: {row}")
@@ -201,17 +201,17 @@ class Manifest:
                 line = reader.line_num + 3  # the reader starts after the three head lines
                 name = row[0] if row else ""
                 if len(row) != len(COLUMNS):
-                    _report("Manifest.load", bad, BadRow(path, line, name, "malformed",
+                    report_bad_row("Manifest.load", bad, BadRow(path, line, name, "malformed",
                                                          f"expected {len(COLUMNS)} fields, got {len(row)}"))
                     continue
                 try:
                     clip = _clip_from_row(dict(zip(COLUMNS, row)), origin=(path, line))
                 except ValueError as err:
-                    _report("Manifest.load", bad, BadRow(path, line, name, "malformed", str(err)))
+                    report_bad_row("Manifest.load", bad, BadRow(path, line, name, "malformed", str(err)))
                     continue
                 unknown = _unknown_labels(clip, len(classes))
                 if unknown:
-                    _report("Manifest.load", bad, BadRow(path, line, name, "unknown label", unknown))
+                    report_bad_row("Manifest.load", bad, BadRow(path, line, name, "unknown label", unknown))
                     continue
                 clips.append(clip)
         return cls(clips=clips, classes=classes, root=root)
@@ -375,14 +375,14 @@ def read_vggsound(csv_path, clips_root, split: str | None = None, *, missing: st
             if not row or row[0].startswith("#"):
                 continue
             if len(row) != 4:
-                _report(fn, bad, BadRow(csv_path, line, row[0], "malformed",
+                report_bad_row(fn, bad, BadRow(csv_path, line, row[0], "malformed",
                                         f"must have 4 fields youtube_id,start_s,label,split, got {row}"))
                 continue
             yid, start, label, part = (v.strip() for v in row)
             try:
                 entries.append((yid, int(_number("start_s", start)), label, part, line))
             except ValueError as err:
-                _report(fn, bad, BadRow(csv_path, line, yid, "malformed", str(err)))
+                report_bad_row(fn, bad, BadRow(csv_path, line, yid, "malformed", str(err)))
     if not entries and not bad:
         raise ValueError(f"{fn}: csv_path must hold rows youtube_id,start_s,label,split, got none in {csv_path!r}")
     splits = sorted({e[3] for e in entries})
@@ -423,7 +423,7 @@ def read_ave(annotations_path, clips_root, *, missing: str = "error",
                 continue
             fields = text.split("&")
             if len(fields) != 5:
-                _report(fn, bad, BadRow(annotations_path, line, text, "malformed",
+                report_bad_row(fn, bad, BadRow(annotations_path, line, text, "malformed",
                                         "must be Category&VideoID&Quality&StartTime&EndTime"))
                 continue
             try:
@@ -431,7 +431,7 @@ def read_ave(annotations_path, clips_root, *, missing: str = "error",
                 if not start < end <= AVE_SEGMENTS:
                     raise ValueError(f"StartTime < EndTime <= {AVE_SEGMENTS} required, got {fields[3]}, {fields[4]}")
             except ValueError as err:
-                _report(fn, bad, BadRow(annotations_path, line, fields[1], "malformed", str(err)))
+                report_bad_row(fn, bad, BadRow(annotations_path, line, fields[1], "malformed", str(err)))
                 continue
             entries.append((fields[0], fields[1], start, end, line))
     if not entries and not bad:
@@ -483,18 +483,18 @@ def read_audioset(segments_csv, class_labels_csv, clips_root, *, missing: str = 
             if not row or row[0].startswith("#"):
                 continue
             if len(row) != 4:
-                _report(fn, bad, BadRow(segments_csv, line, row[0], "malformed",
+                report_bad_row(fn, bad, BadRow(segments_csv, line, row[0], "malformed",
                                         f"must have 4 fields YTID,start,end,\"labels\", got {row}"))
                 continue
             ytid, start_text, end_text, mids = (v.strip() for v in row)
             try:
                 start, end = int(_number("start", start_text)), int(_number("end", end_text))
             except ValueError as err:
-                _report(fn, bad, BadRow(segments_csv, line, ytid, "malformed", str(err)))
+                report_bad_row(fn, bad, BadRow(segments_csv, line, ytid, "malformed", str(err)))
                 continue
             unknown = [m for m in mids.split(",") if m not in mid_index]
             if unknown or not mids:
-                _report(fn, bad, BadRow(segments_csv, line, ytid, "unknown label",
+                report_bad_row(fn, bad, BadRow(segments_csv, line, ytid, "unknown label",
                                         f"labels must be mids listed in {class_labels_csv}, got {unknown or mids!r}"))
                 continue
             names = [f"{ytid}_{start:06d}", f"{ytid}_{start:06d}_{end:06d}",
@@ -598,7 +598,7 @@ def align_classes(manifest: Manifest, classes: Sequence[str], bad: list[BadRow] 
         segments = [k for k in clip.segment_labels or () if k != old_bg]
         unknown = sorted({n for n in names + [manifest.classes[k] for k in segments] if n not in index})
         if unknown:
-            _report("align_classes", bad, BadRow.of(clip, "unknown label", f"classes {unknown} are not among "
+            report_bad_row("align_classes", bad, BadRow.of(clip, "unknown label", f"classes {unknown} are not among "
                                                     f"the {len(classes)} expected ({classes[:SHOW]}...)"))
             continue
         seg = None if clip.segment_labels is None else tuple(

@@ -1,5 +1,16 @@
-"""Audio-visual segmentation (AVSBench S4 / MS3): the training loss and the benchmark's two
-mask metrics.
+"""Audio-visual segmentation (AVSBench S4 / MS3): the data layout, the training loss and the
+benchmark's two mask metrics.
+
+Layout (``read_avsbench``), under the AVSBench root, 5 frames per 5-s clip:
+
+- S4: ``Single-source/s4_meta_data.csv`` (first column the video id, columns ``category`` and
+  ``split``); frames ``s4_data/visual_frames/<split>/<category>/<id>/<id>_<i>.png`` (i = 1..5);
+  masks ``s4_data/gt_masks/<split>/<category>/<id>/<id>_<i>.png``, only i = 1 for train;
+  audio ``s4_data/audio_wav/<split>/<category>/<id>.wav``.
+- MS3: ``Multi-sources/ms3_meta_data.csv`` (first column the video id, column ``split``);
+  frames ``ms3_data/visual_frames/<id>/<id>.mp4_<i>.png``; masks
+  ``ms3_data/gt_masks/<split>/<id>/<id>_<i>.png`` for all 5 frames; audio
+  ``ms3_data/audio_wav/<split>/<id>.wav``.
 
 Loss: upstream's ``F1_IoU_BCELoss`` / ``F5_IoU_BCELoss`` are, despite the name, binary
 cross-entropy of sigmoid(logits) against the masks, averaged over the pixels of the
@@ -23,12 +34,101 @@ has the same number of frames, and for F-score the same number of non-empty fram
 
 from __future__ import annotations
 
+import csv
+import dataclasses
+import os
+
 import torch
+
+from avfast.data.manifest import BadRow, report_bad_row
 
 IOU_EPS = 1e-7  # AVSBench's eps in inter / (union + eps)
 PR_EPS = 1e-20  # AVSBench's eps in the precision and recall denominators
 BETA2 = 0.3
 THRESHOLDS = 255
+FRAMES = 5  # AVSBench samples 5 frames from each 5-s clip
+SUBSETS = {"s4": ("Single-source", "s4_meta_data.csv", "s4_data"),
+           "ms3": ("Multi-sources", "ms3_meta_data.csv", "ms3_data")}
+
+
+@dataclasses.dataclass(frozen=True)
+class AVSClip:
+    """One AVSBench clip: ``frames`` (5 image paths), ``masks`` (5 entries, a path or None
+    for an unannotated frame), ``audio`` (the wav), the video ``id``, ``category`` (S4;
+    "" for MS3) and ``split``."""
+
+    id: str
+    category: str
+    split: str
+    frames: tuple[str, ...]
+    masks: tuple[str | None, ...]
+    audio: str
+
+
+def _avs_paths(subset: str, data: str, vid: str, category: str, split: str) -> tuple:
+    if subset == "s4":
+        rel = os.path.join(split, category, vid)
+        frames = [os.path.join(data, "visual_frames", rel, f"{vid}_{i}.png") for i in range(1, FRAMES + 1)]
+        annotated = 1 if split == "train" else FRAMES
+        masks = [os.path.join(data, "gt_masks", rel, f"{vid}_{i}.png") if i <= annotated else None
+                 for i in range(1, FRAMES + 1)]
+        audio = os.path.join(data, "audio_wav", split, category, f"{vid}.wav")
+    else:
+        frames = [os.path.join(data, "visual_frames", vid, f"{vid}.mp4_{i}.png") for i in range(1, FRAMES + 1)]
+        masks = [os.path.join(data, "gt_masks", split, vid, f"{vid}_{i}.png") for i in range(1, FRAMES + 1)]
+        audio = os.path.join(data, "audio_wav", split, f"{vid}.wav")
+    return tuple(frames), tuple(masks), audio
+
+
+def read_avsbench(root, subset: str, split: str, bad: list[BadRow] | None = None) -> list[AVSClip]:
+    """The clips of ``split`` ("train", "val", "test") of AVSBench ``subset`` ("s4" or "ms3")
+    under ``root``, in the metadata file's order. A row with a missing frame, mask or wav, or
+    an id that leaves the data folder, raises naming the file and row, or goes to ``bad``
+    ('missing file', 'escapes root') when it is a list."""
+    if subset not in SUBSETS:
+        raise ValueError(f"subset: expected one of {sorted(SUBSETS)}, got {subset!r}")
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split: expected 'train', 'val' or 'test', got {split!r}")
+    fn = "read_avsbench"
+    folder, meta_name, data_name = SUBSETS[subset]
+    base = os.path.join(os.fspath(root), folder)
+    meta = os.path.join(base, meta_name)
+    if not os.path.isfile(meta):
+        raise FileNotFoundError(f"read_avsbench: root must hold {folder}/{meta_name}, got no such file {meta!r}")
+    data = os.path.join(base, data_name)
+    clips = []
+    with open(meta, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader, None) or []
+        need = ["split"] + (["category"] if subset == "s4" else [])
+        if not header or any(n not in header for n in need):
+            raise ValueError(f"read_avsbench: {meta} must have a header with the video id first and "
+                             f"columns {need}, got {header}")
+        col = {name: header.index(name) for name in need}
+        for row in reader:
+            if not row:
+                continue
+            line = reader.line_num
+            if len(row) != len(header):
+                report_bad_row(fn, bad, BadRow(meta, line, row[0], "malformed",
+                                               f"expected {len(header)} fields, got {len(row)}"))
+                continue
+            if row[col["split"]] != split:
+                continue
+            vid, category = row[0], row[col["category"]] if subset == "s4" else ""
+            names = (vid, category) if subset == "s4" else (vid,)
+            if any("/" in n or os.sep in n or n in ("", ".", "..") for n in names):
+                report_bad_row(fn, bad, BadRow(meta, line, vid, "escapes root",
+                                               f"id and category must be plain names, got {names}"))
+                continue
+            frames, masks, audio = _avs_paths(subset, data, vid, category, split)
+            absent = [p for p in (*frames, *(m for m in masks if m), audio) if not os.path.isfile(p)]
+            if absent:
+                report_bad_row(fn, bad, BadRow(meta, line, vid, "missing file",
+                                               f"{len(absent)} files, first {absent[0]!r}"))
+                continue
+            clips.append(AVSClip(vid, category, split, frames, masks, audio))
+    return clips
 
 
 def _check(prob: torch.Tensor, target: torch.Tensor) -> None:
