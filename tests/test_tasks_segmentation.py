@@ -197,3 +197,47 @@ def test_read_avsbench_rejects_a_malformed_layout(tmp_path):
     bad = []
     assert read_avsbench(tmp_path, "s4", "train", bad) == []
     assert [(b.row, b.reason) for b in bad] == [(2, "escapes root"), (3, "malformed")]
+
+
+@pytest.mark.parametrize("subset", ["s4", "ms3"])
+def test_synthetic_avsbench_reads_back_with_exact_masks_of_the_sounding_shapes(tmp_path, subset):
+    import wave
+
+    from torchvision.io import read_image
+
+    from avfast.data.synthetic import class_colour
+    from avfast.tasks.segmentation import make_avsbench, read_avsbench
+
+    make_avsbench(tmp_path, subset, categories=3, clips={"train": 2, "test": 1}, size=32, seed=fresh_seed())
+    train, test = read_avsbench(tmp_path, subset, "train"), read_avsbench(tmp_path, subset, "test")
+    assert [c.id for c in train] == ["train_000", "train_001"] and [c.id for c in test] == ["test_000"]
+    colours = {class_colour(k, 3) for k in range(3)}
+    for clip in train + test:
+        for frame, mask in zip(clip.frames, clip.masks):
+            image = read_image(frame)
+            assert image.shape == (3, 32, 32)
+            if mask is None:
+                continue
+            m = read_image(mask)[0] > 0
+            assert 0 < int(m.sum()) < 32 * 32
+            # every masked pixel has a sounding colour; no unmasked pixel has one (grey noise elsewhere,
+            # MS3's silent square included)
+            pixels = {tuple(p) for p in image.permute(1, 2, 0)[m].tolist()}
+            assert pixels <= colours and len(pixels) in ((1,) if subset == "s4" else (1, 2))  # MS3: two discs
+            outside = {tuple(p) for p in image.permute(1, 2, 0)[~m].tolist()}
+            assert not outside & pixels
+        with wave.open(clip.audio) as f:
+            assert (f.getframerate(), f.getnchannels(), f.getnframes()) == (16000, 1, 5 * 16000)
+    if subset == "s4":
+        assert {c.category for c in train + test} <= {"class_0", "class_1", "class_2"}
+
+
+def test_make_avsbench_rejects_bad_arguments(tmp_path):
+    from avfast.tasks.segmentation import make_avsbench
+
+    with pytest.raises(ValueError, match="categories: expected an integer >= 3, got 2"):
+        make_avsbench(tmp_path, "ms3", categories=2)
+    with pytest.raises(ValueError, match="size: expected an integer >= 16, got 8"):
+        make_avsbench(tmp_path, size=8)
+    with pytest.raises(ValueError, match="clips: expected counts >= 0 for 'train', 'val', 'test', got \\{'dev': 1\\}"):
+        make_avsbench(tmp_path, clips={"dev": 1})

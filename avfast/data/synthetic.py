@@ -63,7 +63,8 @@ def _frames(rng: np.random.Generator, colour, num_frames: int, size: int) -> np.
     return frames
 
 
-def _tone(rng: np.random.Generator, frequency: float, num_samples: int, sample_rate: int) -> np.ndarray:
+def tone(rng: np.random.Generator, frequency: float, num_samples: int, sample_rate: int) -> np.ndarray:
+    """float32 (num_samples,): a sine of ``frequency`` Hz (random phase) plus a little noise."""
     t = np.arange(num_samples) / sample_rate
     wave = TONE_AMPLITUDE * np.sin(2 * np.pi * frequency * t + rng.uniform(0, 2 * np.pi))
     return (wave + rng.normal(0, NOISE_STD, num_samples)).clip(-1, 1).astype(np.float32)
@@ -136,7 +137,7 @@ def write_clip(path, class_index: int, num_classes: int, *, duration: float = 3.
     wave = None
     if audio:
         freq = class_frequency(class_index, num_classes)
-        wave = _tone(rng, freq, round(duration * sample_rate), sample_rate)
+        wave = tone(rng, freq, round(duration * sample_rate), sample_rate)
     _encode(path, frames, fps, wave, sample_rate)
 
 

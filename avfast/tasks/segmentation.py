@@ -37,10 +37,14 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
+import wave
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from avfast.data.manifest import BadRow, report_bad_row
+from avfast.data.synthetic import class_colour, class_frequency, tone
 
 IOU_EPS = 1e-7  # AVSBench's eps in inter / (union + eps)
 PR_EPS = 1e-20  # AVSBench's eps in the precision and recall denominators
@@ -129,6 +133,89 @@ def read_avsbench(root, subset: str, split: str, bad: list[BadRow] | None = None
                 continue
             clips.append(AVSClip(vid, category, split, frames, masks, audio))
     return clips
+
+
+def _write_png(path: str, image: np.ndarray) -> None:
+    from torchvision.io import write_png
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_png(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), path)
+
+
+def _write_wav(path: str, samples: np.ndarray, sample_rate: int) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with wave.open(path, "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(sample_rate)
+        f.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+
+
+def make_avsbench(root, subset: str = "s4", *, categories: int = 3, clips: dict[str, int] | None = None,
+                  size: int = 64, sample_rate: int = 16000, seed: int = 0) -> None:
+    """A synthetic AVSBench tree under ``root`` that ``read_avsbench`` reads: in each clip a
+    disc of its category's colour sounds (the category's tone, 5 s) and moves over grey noise
+    across the 5 frames; its masks are exact (1 on the disc). MS3 clips hold two sounding
+    discs (two categories, both tones) and a silent square of a third colour, unmasked.
+    ``clips``: clips per split (default train 8, val 2, test 2)."""
+    if subset not in SUBSETS:
+        raise ValueError(f"subset: expected one of {sorted(SUBSETS)}, got {subset!r}")
+    if isinstance(categories, bool) or not isinstance(categories, int) or categories < (3 if subset == "ms3" else 1):
+        raise ValueError(f"categories: expected an integer >= {3 if subset == 'ms3' else 1}, got {categories!r}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 16:
+        raise ValueError(f"size: expected an integer >= 16, got {size!r}")
+    clips = {"train": 8, "val": 2, "test": 2} if clips is None else dict(clips)
+    if set(clips) - {"train", "val", "test"} or any(not isinstance(n, int) or n < 0 for n in clips.values()):
+        raise ValueError(f"clips: expected counts >= 0 for 'train', 'val', 'test', got {clips!r}")
+    folder, meta_name, data_name = SUBSETS[subset]
+    base = Path(root) / folder
+    data = str(base / data_name)
+    rng = np.random.default_rng(seed)
+    names = [f"class_{k}" for k in range(categories)]
+    rows = []
+    for split, count in clips.items():
+        for j in range(count):
+            vid = f"{split}_{j:03d}"
+            first = int(rng.integers(categories))
+            second = (first + 1 + int(rng.integers(max(1, categories - 1)))) % categories
+            sounding = [first] if subset == "s4" else [first, second]
+            silent = next(k for k in range(categories) if k not in sounding) if subset == "ms3" else None
+            category = names[first] if subset == "s4" else ""
+            frames, masks, audio = _avs_paths(subset, data, vid, category, split)
+            _write_avs_clip(rng, frames, masks, sounding, silent, categories, size)
+            waves = [tone(rng, class_frequency(k, categories), FRAMES * sample_rate, sample_rate) for k in sounding]
+            _write_wav(audio, sum(waves) / len(waves), sample_rate)
+            rows.append((vid, category, split) if subset == "s4" else (vid, split))
+    base.mkdir(parents=True, exist_ok=True)
+    with open(base / meta_name, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(("name", "category", "split") if subset == "s4" else ("name", "split"))
+        writer.writerows(rows)
+
+
+def _write_avs_clip(rng, frames, masks, sounding, silent, categories: int, size: int) -> None:
+    """Frames with a moving disc per sounding category (and a still square for ``silent``)
+    over grey noise; the annotated frames' masks are the union of the discs."""
+    radius = size / 6
+    yy, xx = np.mgrid[0:size, 0:size]
+    starts = [rng.uniform(radius, size - radius, 2) for _ in sounding]
+    steps = [rng.uniform(-0.08, 0.08, 2) * size for _ in sounding]
+    square = rng.integers(0, size - size // 4, 2) if silent is not None else None
+    for t, (frame_path, mask_path) in enumerate(zip(frames, masks)):
+        image = (rng.integers(96, 160, (size, size, 1)) + rng.integers(-8, 9, (size, size, 3))).clip(0, 255)
+        image = image.astype(np.uint8)
+        if square is not None:
+            y, x = square
+            image[y:y + size // 4, x:x + size // 4] = class_colour(silent, categories)
+        mask = np.zeros((size, size), dtype=bool)
+        for k, start, step in zip(sounding, starts, steps):
+            cy, cx = np.clip(start + step * t, radius, size - radius)
+            disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2
+            image[disc] = class_colour(k, categories)
+            mask |= disc
+        _write_png(frame_path, image)
+        if mask_path is not None:
+            _write_png(mask_path, mask[..., None].astype(np.uint8) * 255)
 
 
 def _check(prob: torch.Tensor, target: torch.Tensor) -> None:
