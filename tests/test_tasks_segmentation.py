@@ -191,7 +191,8 @@ def test_read_avsbench_rejects_a_malformed_layout(tmp_path):
         read_avsbench(tmp_path, "s4", "train")
     meta = avsbench_tree(tmp_path, "s4")
     meta.write_text("name,split\na,train\n")
-    with pytest.raises(ValueError, match=r"must have a header .* columns \['split', 'category'\], got \['name', 'split'\]"):
+    expected = r"must have a header .* columns \['split', 'category'\], got \['name', 'split'\]"
+    with pytest.raises(ValueError, match=expected):
         read_avsbench(tmp_path, "s4", "train")
     meta.write_text("name,category,split\n../../etc,dog,train\na,dog\n")
     bad = []
@@ -241,3 +242,38 @@ def test_make_avsbench_rejects_bad_arguments(tmp_path):
         make_avsbench(tmp_path, size=8)
     with pytest.raises(ValueError, match="clips: expected counts >= 0 for 'train', 'val', 'test', got \\{'dev': 1\\}"):
         make_avsbench(tmp_path, clips={"dev": 1})
+
+
+@pytest.mark.parametrize("preset", ["stgcma", "deepavfusion"])
+def test_avs_dataset_gives_frames_masks_and_one_audio_window_per_frame(tmp_path, preset):
+    from torchvision.io import read_image
+
+    from avfast.data.presets import get_preset
+    from avfast.tasks.segmentation import AVSDataset, make_avsbench, read_avsbench
+
+    make_avsbench(tmp_path, "s4", categories=2, clips={"train": 1, "val": 1}, size=32, seed=fresh_seed())
+    spec = get_preset(preset)
+    train = AVSDataset(read_avsbench(tmp_path, "s4", "train"), preset)[0]
+    val = AVSDataset(read_avsbench(tmp_path, "s4", "val"), preset)[0]
+    S = spec.video.size
+    assert train["frames"].shape == (5, 3, S, S) and train["masks"].shape == (5, S, S)
+    assert train["annotated"].tolist() == [True, False, False, False, False] and val["annotated"].all()
+    assert train["masks"][1:].abs().sum() == 0 and set(train["masks"].unique().tolist()) == {0.0, 1.0}
+    # the resized mask covers the same fraction of the frame as the PNG (nearest resize)
+    png = read_image(read_avsbench(tmp_path, "s4", "train")[0].masks[0])[0] > 0
+    assert abs(float(train["masks"][0].mean()) - float(png.float().mean())) < 0.05
+    assert train["audio"].shape[0] == 5 and torch.isfinite(train["audio"]).all()
+    from avfast.data import media
+    from avfast.data.transforms import audio_features
+
+    wave = media.decode_audio(read_avsbench(tmp_path, "s4", "train")[0].audio, sample_rate=spec.audio.sample_rate)
+    rate, window = spec.audio.sample_rate, spec.audio.window_samples
+    starts = [min(max(round((i + 0.5) * rate) - window // 2, 0), wave.numel() - window) for i in range(5)]
+    if preset == "stgcma":  # 1-s windows: exactly the frame's own second
+        assert starts == [i * rate for i in range(5)]
+    else:  # 3-s windows: centred where there is room, else moved inside the clip
+        assert starts == [0, 0, rate, 2 * rate, 2 * rate]
+    expected = audio_features(torch.stack([wave[s:s + window] for s in starts])[None], spec)[0]
+    torch.testing.assert_close(train["audio"], expected)
+    with pytest.raises(ValueError, match="clips: expected at least one AVSClip, got none"):
+        AVSDataset([], preset)

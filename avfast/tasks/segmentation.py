@@ -43,8 +43,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from avfast.data import media
 from avfast.data.manifest import BadRow, report_bad_row
+from avfast.data.presets import Preset, get_preset
 from avfast.data.synthetic import class_colour, class_frequency, tone
+from avfast.data.transforms import audio_features, crop_resize_frames, gather_windows, normalize_frames
 
 IOU_EPS = 1e-7  # AVSBench's eps in inter / (union + eps)
 PR_EPS = 1e-20  # AVSBench's eps in the precision and recall denominators
@@ -133,6 +136,47 @@ def read_avsbench(root, subset: str, split: str, bad: list[BadRow] | None = None
                 continue
             clips.append(AVSClip(vid, category, split, frames, masks, audio))
     return clips
+
+
+class AVSDataset(torch.utils.data.Dataset):
+    """AVSBench clips as a method's preset sees them, decoded on the CPU.
+
+    Item i: ``frames`` float32 (5, 3, S, S), the whole frame resized to the preset's size S
+    and normalised; ``masks`` float32 (5, S, S) in {0, 1} (nearest resize; zeros where not
+    annotated); ``annotated`` bool (5,); ``audio``: the preset's features of one window per
+    frame, centred on that frame's second and moved inside the clip when the window is
+    longer than the room around it (5, *features); ``index``.
+    """
+
+    def __init__(self, clips: list[AVSClip], preset: str | Preset):
+        if not clips:
+            raise ValueError("clips: expected at least one AVSClip, got none")
+        self.clips, self.preset = list(clips), get_preset(preset)
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, index: int) -> dict:
+        from torchvision.io import ImageReadMode, read_image
+
+        clip, size = self.clips[index], self.preset.video.size
+        images = torch.stack([read_image(p, ImageReadMode.RGB) for p in clip.frames]).permute(0, 2, 3, 1)
+        h, w = images.shape[1:3]
+        frames = normalize_frames(crop_resize_frames(images.contiguous(), (0, 0, h, w), size, False),
+                                  self.preset.video.mean, self.preset.video.std)
+        masks = torch.zeros(FRAMES, size, size)
+        for i, path in enumerate(clip.masks):
+            if path is not None:
+                m = (read_image(path, ImageReadMode.GRAY)[None].float() > 0).float()
+                masks[i] = torch.nn.functional.interpolate(m, size=(size, size), mode="nearest-exact")[0, 0]
+        spec = self.preset.audio
+        wave = media.decode_audio(clip.audio, sample_rate=spec.sample_rate)
+        n, window = wave.numel(), spec.window_samples
+        centres = [round((i + 0.5) * spec.sample_rate) for i in range(FRAMES)]
+        starts = torch.tensor([[min(max(c - window // 2, 0), max(n - window, 0)) for c in centres]])
+        windows = gather_windows(wave[None], torch.tensor([n]), starts, window, spec.pad)
+        return {"frames": frames, "masks": masks, "annotated": torch.tensor([m is not None for m in clip.masks]),
+                "audio": audio_features(windows, self.preset)[0], "index": torch.tensor(index)}
 
 
 def _write_png(path: str, image: np.ndarray) -> None:
