@@ -12,6 +12,7 @@ from avfast import _backend
 from avfast.ops import av_pair_attention, pair_attention_map
 from avfast.reference import av_pair_attention as ref
 from seeding import fresh_seed
+from tolerances import recompute_term, score_bound
 
 OP = "av_pair_attention"
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
@@ -113,7 +114,9 @@ def test_forward_backward_match_literal(backend, device, dtype, shape, strided, 
     out_pt, leaves_pt, kw_pt = run_with_grads(ref.av_pair_attention_literal, inputs, extra)
     out, leaves, kw = run_with_grads(av_pair_attention, inputs, extra)
     assert out.dtype == dtype and out.shape == out64.shape
-    tol = tolerance(out_pt, out64, dtype)
+    # kernels recompute exp(S - lse) in fp32: that rounding adds to plain torch's error
+    smax = score_bound(inputs[0], (inputs[1], inputs[3]), extra["scale"])
+    tol = tolerance(out_pt, out64, dtype) + recompute_term(smax, out64)
     assert max_err(out, out64) <= tol, f"seed {seed}: out err {max_err(out, out64)} > {tol}"
 
     dout = torch.randn_like(out64)
@@ -125,7 +128,7 @@ def test_forward_backward_match_literal(backend, device, dtype, shape, strided, 
     pairs.append(("v_bias", kw["v_bias"], kw_pt["v_bias"], kw64["v_bias"]))
     for name, x, x_pt, x64 in pairs:
         assert x.grad is not None and x.grad.dtype == dtype, name
-        tol = tolerance(x_pt.grad, x64.grad, dtype)
+        tol = tolerance(x_pt.grad, x64.grad, dtype) + recompute_term(smax, x64.grad)
         err = max_err(x.grad, x64.grad)
         assert err <= tol, f"seed {seed}: grad {name} err {err} > {tol}"
 

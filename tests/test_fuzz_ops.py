@@ -25,6 +25,7 @@ from avfast.reference import av_adapter_attention as adapter_ref
 from avfast.reference import av_pair_attention as pair_ref
 from avfast.reference import blockwise_infonce as infonce_ref
 from seeding import fresh_seed
+from tolerances import EPS32, recompute_term, score_bound
 
 CASES = int(os.environ.get("AVFAST_FUZZ_CASES", "200"))
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -33,7 +34,6 @@ SIZES = (1, 1, 2, 3, 5, 7, 15, 16, 17, 31, 33, 63, 65)
 WIDTHS = (1, 2, 3, 5, 8, 16, 17, 24, 33, 64)
 LAYOUTS = ("contiguous", "transposed", "expanded", "sliced")
 MASKS = ("none", "some", "all", "all_but_one")
-EPS32 = torch.finfo(torch.float32).eps
 # the kernel backends that run on CPU tensors ("cuda" = the CUDA kernels executed on the host;
 # its id avoids the "cuda" marker that skips GPU tests)
 BACKENDS = ["triton", pytest.param("cuda", id="cuda_host")]
@@ -89,8 +89,7 @@ def tolerance(plain: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype, scor
     ``dtype``, plus the kernels' recompute term (fp32 scores up to ``score_max`` carry a
     relative rounding of eps32 * score_max into exp(S - lse))."""
     magnitude = max(1.0, exact.abs().max().item() if exact.numel() else 0.0)
-    return (2 * max_err(plain, exact) + 8 * torch.finfo(dtype).eps * magnitude
-            + 4 * EPS32 * score_max * magnitude)
+    return 2 * max_err(plain, exact) + 8 * torch.finfo(dtype).eps * magnitude + recompute_term(score_max, exact)
 
 
 def fuzz_forced(backend: str, op: str, draw, check, monkeypatch) -> None:
@@ -187,12 +186,6 @@ def draw_pair(rng: random.Random, dtype=None):
     description = (f"B{B} F{F} H{H} Dq{Dq} Dv{Dv} Na{Na} Nv{Nv} {str(dtype)[6:]} scale {scale:.3g} "
                    f"layouts {layouts} bias {bias} masks {kinds}")
     return description, (tensors, masks, scale, dtype)
-
-
-def score_bound(q: torch.Tensor, keys, scale: float) -> float:
-    """|scale| max|q| (max|k_a| + max|k_v|) in the L2 norms of the head vectors."""
-    qn = q.double().norm(dim=-1).max().item()
-    return abs(scale) * qn * sum(k.double().norm(dim=-1).max().item() for k in keys)
 
 
 def check_pair(case, seed: int) -> list[str]:
