@@ -230,7 +230,7 @@ class DALILoader:
             return frames, windows, index, audio_index, background, reasons
         if not self.train:
             for i in index[~keep].tolist():
-                self.unreadable[int(i)] = ("bad audio", f"clip {int(i)}: silent or too short audio ({dict(reasons)})")
+                self.unreadable[int(i)] = ("bad audio", f"clip {int(i)}: silent or too short audio")
             return (*(t[keep] for t in (frames, windows, index, audio_index, background)), reasons)
         bad = (~keep).nonzero()[:, 0].tolist()
         rows, reasons = self._cpu_rows([int(index[k]) for k in bad])
