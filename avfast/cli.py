@@ -14,8 +14,10 @@
     avfast bench data ...            clips/s of the DALI and CPU data paths
     avfast train --method M --data D train a method (torchrun --nproc_per_node N -m avfast train ... for DDP)
     avfast pretrain --data D         DeepAVFusion's AV-MAE pretraining
-    avfast eval --checkpoint C --data D   accuracy of a checkpoint
-    avfast demo                      synthetic clips + a tiny model trained in minutes, accuracy vs chance
+    avfast train --task avs ...      audio-visual segmentation on an AVSBench root (S4 / MS3)
+    avfast eval --checkpoint C --data D   accuracy (AVS: mIoU, F-score) of a checkpoint
+    avfast demo [--task avs]         synthetic clips + a tiny model trained in minutes, accuracy vs chance
+                                     (avs: mIoU on synthetic S4 clips)
 """
 
 from __future__ import annotations
@@ -194,6 +196,11 @@ def _add_train_commands(sub) -> dict[str, argparse.ArgumentParser]:
         p = sub.add_parser(name, help=help_text)
         if name == "train":
             p.add_argument("--method", required=True, choices=METHODS)
+            p.add_argument("--task", choices=("classify", "avs"), default="classify",
+                           help="classify (default) or avs: audio-visual segmentation, --data an AVSBench root")
+            p.add_argument("--avs-subset", choices=("s4", "ms3"), default="s4", help="--task avs: S4 or MS3 (s4)")
+            p.add_argument("--val-split", choices=("val", "test"), default="val",
+                           help="--task avs: the split validation scores (val)")
         p.add_argument("--data", required=True, help="a folder of clips (root/<class>/<clip>), a prepared "
                        "folder (avfast prepare) or a manifest / VGGSound / AVE / AudioSet annotation file")
         p.add_argument("--val-data", help="validation data (default: a class-stratified split of --data)")
@@ -223,17 +230,22 @@ def _add_train_commands(sub) -> dict[str, argparse.ArgumentParser]:
                        metavar="KEY=VALUE", help="model config field, e.g. --set img_size=64")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         parsers[name] = p
-    p_eval = sub.add_parser("eval", help="accuracy of a checkpoint written by avfast train")
+    p_eval = sub.add_parser("eval", help="accuracy (AVS: mIoU and F-score) of a checkpoint written by avfast train")
     p_eval.add_argument("--checkpoint", required=True)
     p_eval.add_argument("--data", required=True)
+    p_eval.add_argument("--split", choices=("train", "val", "test"), default="test",
+                        help="an AVS checkpoint: the AVSBench split scored (test)")
     p_eval.add_argument("--batch-size", type=int, default=8)
     p_eval.add_argument("--workers", type=int, default=4)
     p_eval.add_argument("--device")
     p_demo = sub.add_parser("demo", help="train a tiny model on generated clips and report accuracy")
+    p_demo.add_argument("--task", choices=("classify", "avs"), default="classify",
+                        help="classify (default) or avs: segmentation of synthetic AVSBench S4 clips")
     p_demo.add_argument("--method", choices=METHODS, default="deepavfusion")
     p_demo.add_argument("--out", help="folder for the clips and the run (default ~/.cache/avfast/demo)")
     p_demo.add_argument("--epochs", type=int, default=6)
-    p_demo.add_argument("--clips-per-class", type=int, default=16)
+    p_demo.add_argument("--clips-per-class", type=int, default=16, help="classify: clips per class (16)")
+    p_demo.add_argument("--clips", type=int, default=48, help="avs: training clips (48)")
     p_demo.add_argument("--workers", type=int)
     p_demo.add_argument("--seed", type=int, default=0)
     parsers.update(eval=p_eval, demo=p_demo)
@@ -241,11 +253,15 @@ def _add_train_commands(sub) -> dict[str, argparse.ArgumentParser]:
 
 
 def train(args: argparse.Namespace) -> int:
-    from avfast.train import Trainer, TrainConfig
+    from avfast.train import TrainConfig
+    from avfast.train.loop import make_trainer
 
     method = "deepavfusion" if args.command == "pretrain" else args.method
-    cfg = TrainConfig(method=method, data=args.data, val_data=args.val_data, val_fraction=args.val_fraction,
-                      out=args.out or os.path.join("runs", method + ("-pretrain" if args.command == "pretrain" else "")),
+    task = getattr(args, "task", "classify")
+    extra = dict(task=task, avs_subset=args.avs_subset, val_split=args.val_split) if args.command == "train" else {}
+    cfg = TrainConfig(method=method, data=args.data, **extra, val_data=args.val_data, val_fraction=args.val_fraction,
+                      out=args.out or os.path.join("runs", method + ("-pretrain" if args.command == "pretrain" else
+                                                                    "-avs" if task == "avs" else "")),
                       size=args.size, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                       lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                       background_p=args.background_p, compile=args.compile, amp=not args.no_amp,
@@ -254,7 +270,7 @@ def train(args: argparse.Namespace) -> int:
                       checkpoint_every=args.checkpoint_every, log_every=args.log_every,
                       progress=not args.quiet, device=args.device, model_overrides=dict(args.overrides))
     try:
-        trainer = Trainer(cfg)
+        trainer = make_trainer(cfg)
     except (ValueError, FileNotFoundError) as err:  # settings or data that cannot work
         raise UsageError(str(err)) from err
     result = trainer.fit()
@@ -267,7 +283,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
     try:
         trainer = checkpoint_evaluator(args.checkpoint, args.data, batch_size=args.batch_size,
-                                       workers=args.workers, device=args.device)
+                                       workers=args.workers, device=args.device, split=args.split)
     except (ValueError, FileNotFoundError) as err:
         raise UsageError(str(err)) from err
     result = trainer.evaluate()
@@ -276,10 +292,17 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from avfast.train.demo import run_demo
+    from avfast.train.demo import run_avs_demo, run_demo
 
-    run_demo(args.method, out=args.out, epochs=args.epochs, clips_per_class=args.clips_per_class,
-             workers=args.workers, seed=args.seed)
+    try:
+        if args.task == "avs":
+            run_avs_demo(args.method, out=args.out, epochs=args.epochs, clips=args.clips, workers=args.workers,
+                         seed=args.seed)
+        else:
+            run_demo(args.method, out=args.out, epochs=args.epochs, clips_per_class=args.clips_per_class,
+                     workers=args.workers, seed=args.seed)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
     return 0
 
 

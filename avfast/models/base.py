@@ -6,6 +6,11 @@ A method model takes the loaders' batch tensors and returns a dict of outputs:
     loss, metrics = model.loss(out, batch)   # batch: the loader's dict (label, segment_labels, background)
     logits = model.predict(out)         # (B, C), or (B, T, C) for per-second methods
 
+The methods evaluated on dense tasks (STG-CMA, DG-SCT, DeepAVFusion) also give
+``dense_features(frames, audio) -> (maps, audio)``: visual maps (N, C_i, h_i, w_i), N = B*T,
+in the order a top-down decoder reads them (the first is its top), and one audio vector
+(N, Da) per frame; ``dense_shapes()`` says their (C_i, (h_i, w_i)) and Da without running.
+
 ``preset`` names the ``avfast.data`` preset whose samples the model reads.
 """
 
@@ -114,6 +119,14 @@ def with_pretrained(model: AVModel, pretrained: str | os.PathLike | None) -> AVM
     if pretrained is not None:
         model.load_upstream_state_dict(read_checkpoint(pretrained))
     return model
+
+
+def spread_layers(depth: int, levels: int) -> list[int]:
+    """``levels`` layer indices spread evenly over ``depth`` layers, first and last included
+    (rounded down, as DeepAVFusion's ``np.linspace(...).astype(int)``): 12, 4 -> [0, 3, 7, 11]."""
+    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
+        raise ValueError(f"levels: expected an integer >= 1, got {levels!r}")
+    return [i * (depth - 1) // max(levels - 1, 1) for i in range(levels)]
 
 
 def freeze(module: nn.Module) -> nn.Module:

@@ -33,7 +33,8 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from avfast.models.base import AVModel, read_checkpoint, sized_config, strip_prefixes, with_pretrained
+from avfast.models.base import (AVModel, read_checkpoint, sized_config, spread_layers, strip_prefixes,
+                                with_pretrained)
 from avfast.nn import DenseAVFusionBlock, FactorizedAVFusionBlock
 
 FUSION_ARCHS = ("factorized", "dense")
@@ -293,19 +294,26 @@ class DeepAVFusionEncoder(nn.Module):
             self.audio.load_backbone(cfg.audio_weights, "audio_weights")
 
     def forward(
-        self, image: Tensor, audio: Tensor, image_ids_keep: Tensor | None = None, audio_ids_keep: Tensor | None = None
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        self, image: Tensor, audio: Tensor, image_ids_keep: Tensor | None = None, audio_ids_keep: Tensor | None = None,
+        return_layers: bool = False,
+    ) -> tuple:
         """image (B, 3, S, S), audio (B, 1, mels, frames); ids_keep (B, K): visible patches.
-        Returns normalised image (B, Nv, D), audio (B, Na, D) and fusion (B, nF, D) tokens."""
+        Returns normalised image (B, Nv, D), audio (B, Na, D) and fusion (B, nF, D) tokens;
+        with ``return_layers`` also a list, per layer, of its (image, audio, fusion) output
+        tokens before any norm (the dense-task heads read them)."""
         x_image = self.image.embed(image, image_ids_keep)
         x_audio = self.audio.embed(audio, audio_ids_keep)
         x_fusion = self.fusion_tokens.expand(image.shape[0], -1, -1)
+        layers = []
         for blk_image, blk_audio, blk_fusion in zip(self.image.blocks, self.audio.blocks, self.fusion_blocks):
             new_image = block_rows(blk_image, x_fusion, x_image)
             new_audio = block_rows(blk_audio, x_fusion, x_audio)
             x_fusion = blk_fusion(x_fusion, x_image, x_audio)
             x_image, x_audio = new_image, new_audio
-        return self.image.norm(x_image), self.audio.norm(x_audio), self.fusion_norm(x_fusion)
+            if return_layers:
+                layers.append((x_image, x_audio, x_fusion))
+        out = (self.image.norm(x_image), self.audio.norm(x_audio), self.fusion_norm(x_fusion))
+        return (*out, layers) if return_layers else out
 
 
 def _check_inputs(name: str, cfg: _EncoderConfig, frames, audio) -> tuple[Tensor, Tensor]:
@@ -349,6 +357,29 @@ class DeepAVFusion(AVModel):
         }
         out["logits"] = (out["logits_image"] + out["logits_audio"] + out["logits_fusion"]) / 3
         return out
+
+    @property
+    def dense_unused(self) -> tuple[str, ...]:
+        """The modules ``dense_features`` does not use: the heads, the image norm, the last
+        fusion block (its tokens reach no image or audio token) and the fusion norm."""
+        last = f"encoder.fusion_blocks.{len(self.encoder.fusion_blocks) - 1}"
+        return (*(h.rstrip(".") for h in _HEADS), "encoder.image.norm", last, "encoder.fusion_norm")
+
+    def dense_shapes(self, levels: int = 4) -> tuple[list[tuple[int, tuple[int, int]]], int]:
+        """What ``dense_features`` returns: (channels, grid) of each level, the audio width."""
+        g, D = self.config.img_size // self.config.patch_size, self.config.embed_dim
+        return [(D, (g, g))] * levels, D
+
+    def dense_features(self, frames: Tensor, audio: Tensor, levels: int = 4) -> tuple[list[Tensor], Tensor]:
+        """frames (N, 1, 3, S, S), audio (N, 1, mels, frames) -> (maps, audio): the image tokens
+        (before norm) of ``levels`` layers spread evenly from the first to the last, each
+        (N, D, g, g), shallowest first (upstream AVSegmSimple's order: the first is the decoder's
+        top), and the mean of the last layer's normalised audio tokens (N, D)."""
+        image, audio = _check_inputs("DeepAVFusion", self.config, frames, audio)
+        _, x_audio, _, layers = self.encoder(image, audio, return_layers=True)
+        g = self.config.img_size // self.config.patch_size
+        maps = [layers[i][0].transpose(1, 2).unflatten(2, (g, g)) for i in spread_layers(len(layers), levels)]
+        return maps, x_audio.mean(1)
 
     def loss(self, out: dict[str, Tensor], batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         """Cross-entropy on the averaged logits: batch["label"] (B,) int64 with label smoothing,

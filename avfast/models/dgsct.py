@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from timm.models.swin_transformer_v2 import SwinTransformerV2, checkpoint_filter_fn
 from torch import Tensor, nn
 
-from avfast.models.base import AVModel, check_frames, freeze, read_checkpoint, sized_config, strip_prefixes, with_pretrained
+from avfast.models.base import (AVModel, check_frames, freeze, read_checkpoint, sized_config, strip_prefixes,
+                                with_pretrained)
 from avfast.models.htsat import HTSAT
 
 LOSS_TYPES = ("upstream", "segment_ce")
@@ -709,13 +710,16 @@ class DGSCT(AVModel):
         a = a + r_a.view_as(a) if quirks else a + ablk.drop_path2(ablk.mlp(ablk.norm2(a))) + r_a.view_as(a)
         return x, a, map_v, map_a
 
-    def forward_features(self, frames: Tensor, audio: Tensor) -> tuple[Tensor, Tensor]:
-        """frames (B, T, 3, S, S), audio (B, T, L) -> pooled features f_v (B, T, Cv), f_a (B, T, Ca)."""
+    def forward_features(self, frames: Tensor, audio: Tensor, stages: bool = False) -> tuple:
+        """frames (B, T, 3, S, S), audio (B, T, L) -> pooled features f_v (B, T, Cv), f_a (B, T, Ca);
+        with ``stages`` also the list of each visual stage's output (N, H_s, W_s, C_s), N = B*T
+        (the last one after the final norm)."""
         self._check_inputs(frames, audio)
         B, T = frames.shape[:2]
         x = self.visual.patch_embed(frames.flatten(0, 1))  # (N, Hv, Wv, Cv)
         a = self.audio.patch_embed(self.audio.front_end(self.fit_audio(audio.flatten(0, 1))).to(x.dtype))
         map_v = map_a = None
+        outputs = []
         for vstage, astage, partners in zip(self.visual.layers, self.audio.layers, self._partners):
             x = vstage.downsample(x)
             for j, vblk in enumerate(vstage.blocks):
@@ -724,14 +728,31 @@ class DGSCT(AVModel):
                     x, a, map_v, map_a = self._paired_block(vblk, astage.blocks[k], self.adapters[i], x, a)
                 else:
                     x = vblk(x)
+            outputs.append(x)
             if astage.downsample is not None:
                 a = astage.downsample(a)
-        x = self.visual.norm(x)
+        x = outputs[-1] = self.visual.norm(x)
         if not self.config.upstream_quirks:
             a = self.audio.norm(a)
         f_v = torch.einsum("nl,nlc->nc", map_v, x.flatten(1, 2))
         f_a = torch.einsum("nl,nlc->nc", map_a, a.flatten(1, 2))
-        return f_v.unflatten(0, (B, T)), f_a.unflatten(0, (B, T))
+        pooled = f_v.unflatten(0, (B, T)), f_a.unflatten(0, (B, T))
+        return (*pooled, outputs) if stages else pooled
+
+    dense_unused = ("temporal", "head")  # modules dense_features does not use
+
+    def dense_shapes(self) -> tuple[list[tuple[int, tuple[int, int]]], int]:
+        """What ``dense_features`` returns: (channels, grid) of each level, the audio width."""
+        cfg, stages = self.config, len(self.config.visual_depths)
+        grid = lambda s: cfg.img_size // cfg.visual_patch_size // 2 ** s  # noqa: E731
+        return [(cfg.visual_dim(s), (grid(s), grid(s))) for s in reversed(range(stages))], cfg.audio_dim(stages - 1)
+
+    def dense_features(self, frames: Tensor, audio: Tensor) -> tuple[list[Tensor], Tensor]:
+        """frames (B, T, 3, S, S), audio (B, T, L) -> (maps, audio): the Swin stages' outputs,
+        deepest (coarsest) first, each (N, C_s, H_s, W_s), and the audio features pooled by the
+        last adapter's map (N, Ca)."""
+        _, f_a, outputs = self.forward_features(frames, audio, stages=True)
+        return [x.permute(0, 3, 1, 2) for x in reversed(outputs)], f_a.flatten(0, 1)
 
     def forward_head(self, f_v: Tensor, f_a: Tensor) -> dict[str, Tensor]:
         """Pooled features (B, T, Cv), (B, T, Ca) -> the output dict (see the class docstring)."""

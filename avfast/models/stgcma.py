@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from avfast.models.base import AVModel, check_frames, freeze, read_checkpoint, sized_config, strip_prefixes, with_pretrained
+from avfast.models.base import (AVModel, check_frames, freeze, read_checkpoint, sized_config, spread_layers,
+                                strip_prefixes, with_pretrained)
 from avfast.nn import STGCMABlockAdapters
 
 # Upstream (CLIP visual tower) name -> ours, outside the blocks.
@@ -393,16 +394,36 @@ class STGCMA(AVModel):
         x = torch.cat([cls, x], dim=1) + self.pos_embed_audio.to(x.dtype)
         return self.backbone.norm_pre(self._add_temporal(x, self.temporal_embedding_audio))
 
-    def forward_features(self, frames: Tensor, audio: Tensor) -> tuple[Tensor, Tensor]:
+    def forward_features(self, frames: Tensor, audio: Tensor, keep: tuple[int, ...] = ()) -> tuple:
         """frames (B, T, 3, S, S), audio (B, T, Ft, M) -> tokens after the last block
-        (before ln_post): visual (N, Lv, D), audio (N, La, D)."""
+        (before ln_post): visual (N, Lv, D), audio (N, La, D); with block indices ``keep``
+        also the list of the visual tokens after each of those blocks."""
         self._check_inputs(frames, audio)
         v, a = self.embed_frames(frames), self.embed_audio(audio)
         T, dim = self.config.num_frames, 1 if self.config.upstream_quirks else 0
-        for block, adapters, rate in zip(self.backbone.blocks, self.adapters, self.drop_path_rates):
+        kept = {}
+        for i, (block, adapters, rate) in enumerate(zip(self.backbone.blocks, self.adapters, self.drop_path_rates)):
             drop = partial(_drop_path, p=rate, dim=dim) if self.training and rate > 0 else None
             v, a = adapters(v, a, partial(_block_attn, block), partial(_block_mlp, block), T, drop_path=drop)
-        return v, a
+            if i in keep:
+                kept[i] = v
+        return (v, a, [kept[i] for i in keep]) if keep else (v, a)
+
+    dense_unused = ("mlp_head",)  # modules dense_features does not use
+
+    def dense_shapes(self, levels: int = 4) -> tuple[list[tuple[int, tuple[int, int]]], int]:
+        """What ``dense_features`` returns: (channels, grid) of each level, the audio width."""
+        g, D = self.config.img_size // self.config.patch_size, self.config.embed_dim
+        return [(D, (g, g))] * levels, D
+
+    def dense_features(self, frames: Tensor, audio: Tensor, levels: int = 4) -> tuple[list[Tensor], Tensor]:
+        """frames (B, T, 3, S, S), audio (B, T, Ft, M) -> (maps, audio): the visual patch tokens
+        (CLS left out) after ``levels`` blocks spread from the first to the last, each
+        (N, D, g, g), shallowest first, and the audio CLS after ln_post (N, D)."""
+        g = self.config.img_size // self.config.patch_size
+        _, a, kept = self.forward_features(frames, audio, keep=tuple(spread_layers(self.config.depth, levels)))
+        maps = [v[:, 1:].transpose(1, 2).unflatten(2, (g, g)) for v in kept]
+        return maps, self.backbone.norm(a[:, 0])
 
     def forward_head(self, v: Tensor, a: Tensor) -> dict[str, Tensor]:
         """Final tokens v (N, Lv, D), a (N, La, D) -> {"logits": (B, T, C), "features": (B, T, 2D)}."""

@@ -42,10 +42,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor, nn
 
 from avfast.data import media
 from avfast.data.manifest import BadRow, report_bad_row
 from avfast.data.presets import Preset, get_preset
+from avfast.data.sampling import epoch_indices
 from avfast.data.synthetic import class_colour, class_frequency, tone
 from avfast.data.transforms import audio_features, crop_resize_frames, gather_windows, normalize_frames
 
@@ -62,7 +64,7 @@ SUBSETS = {"s4": ("Single-source", "s4_meta_data.csv", "s4_data"),
 class AVSClip:
     """One AVSBench clip: ``frames`` (5 image paths), ``masks`` (5 entries, a path or None
     for an unannotated frame), ``audio`` (the wav), the video ``id``, ``category`` (S4;
-    "" for MS3) and ``split``."""
+    "" for MS3), ``split`` and ``origin`` (metadata file, row; not compared)."""
 
     id: str
     category: str
@@ -70,6 +72,12 @@ class AVSClip:
     frames: tuple[str, ...]
     masks: tuple[str | None, ...]
     audio: str
+    origin: tuple[str, int] | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    @property
+    def path(self) -> str:
+        """The clip's frame folder (what a bad row names)."""
+        return os.path.dirname(self.frames[0])
 
 
 def _avs_paths(subset: str, data: str, vid: str, category: str, split: str) -> tuple:
@@ -134,7 +142,7 @@ def read_avsbench(root, subset: str, split: str, bad: list[BadRow] | None = None
                 report_bad_row(fn, bad, BadRow(meta, line, vid, "missing file",
                                                f"{len(absent)} files, first {absent[0]!r}"))
                 continue
-            clips.append(AVSClip(vid, category, split, frames, masks, audio))
+            clips.append(AVSClip(vid, category, split, frames, masks, audio, origin=(meta, line)))
     return clips
 
 
@@ -157,6 +165,9 @@ class AVSDataset(torch.utils.data.Dataset):
         return len(self.clips)
 
     def __getitem__(self, index: int) -> dict:
+        return self.load(index)
+
+    def load(self, index: int) -> dict:
         from torchvision.io import ImageReadMode, read_image
 
         clip, size = self.clips[index], self.preset.video.size
@@ -177,6 +188,84 @@ class AVSDataset(torch.utils.data.Dataset):
         windows = gather_windows(wave[None], torch.tensor([n]), starts, window, spec.pad)
         return {"frames": frames, "masks": masks, "annotated": torch.tensor([m is not None for m in clip.masks]),
                 "audio": audio_features(windows, self.preset)[0], "index": torch.tensor(index)}
+
+
+class AVSLoader:
+    """Batches of ``AVSDataset`` items through a DataLoader with ``num_workers`` workers, in
+    ``epoch_indices`` order (a seeded permutation per epoch when training, every clip once in
+    order when evaluating; sharded for DDP). AVSBench has no augmentation, so an item depends
+    only on its clip. A clip that cannot be decoded is left out of its batch (a batch left
+    empty is skipped) and kept in ``unreadable`` {index: (reason, message)}; ``skipped``:
+    the last epoch's counts by reason. The interface of ``avfast.data.cpu.CPULoader``.
+    """
+
+    def __init__(self, clips: list[AVSClip], preset: str | Preset, *, batch_size: int, train: bool,
+                 num_workers: int = 0, seed: int = 0, shard_id: int = 0, num_shards: int = 1,
+                 device: str | torch.device | None = None):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+        self.dataset = AVSDataset(clips, preset)
+        self.batch_size, self.train, self.num_workers, self.seed = batch_size, train, num_workers, seed
+        self.shard_id, self.num_shards = shard_id, num_shards
+        self.device = None if device is None else torch.device(device)
+        self.epoch = 0
+        self.skipped: dict[str, int] = {}
+        self.unreadable: dict[int, tuple[str, str]] = {}
+
+    def _indices(self) -> np.ndarray:
+        return epoch_indices(len(self.dataset), train=self.train, seed=self.seed, epoch=self.epoch,
+                             shard_id=self.shard_id, num_shards=self.num_shards)
+
+    def __len__(self) -> int:
+        return -(-len(self._indices()) // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return self.batches()
+
+    def batches(self, start: int = 0):
+        """This epoch's batches from batch ``start`` on."""
+        loader = torch.utils.data.DataLoader(
+            _Guarded(self.dataset), batch_size=self.batch_size,
+            sampler=self._indices()[start * self.batch_size:].tolist(), num_workers=self.num_workers,
+            collate_fn=_collate, pin_memory=self.device is not None and self.device.type == "cuda")
+        skipped = 0
+        for batch in loader:
+            for index, message in batch.pop("unreadable"):
+                self.unreadable[index] = ("unreadable", message)
+                skipped += 1
+            if "index" not in batch:
+                continue
+            if self.device is not None:
+                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            yield batch
+        self.skipped = {"unreadable": skipped} if skipped else {}
+        self.epoch += 1
+
+
+class _Guarded(torch.utils.data.Dataset):
+    """An AVSDataset whose items that fail to decode become {"unreadable": [(index, message)]}."""
+
+    def __init__(self, dataset: AVSDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            return {**self.dataset.load(index), "unreadable": []}
+        except (RuntimeError, OSError, ValueError, EOFError) as err:
+            return {"unreadable": [(index, f"{type(err).__name__}: {err}")]}
+
+
+def _collate(items: list[dict]) -> dict:
+    good = [item for item in items if "index" in item]
+    batch = {k: torch.stack([item[k] for item in good]) for k in (good[0] if good else {}) if k != "unreadable"}
+    batch["unreadable"] = [u for item in items for u in item["unreadable"]]
+    return batch
 
 
 def _write_png(path: str, image: np.ndarray) -> None:
@@ -367,9 +456,180 @@ class MaskMetrics:
             self.f_sum += frame_fscores(prob[present], target[present], self.beta2, self.thresholds).sum(0)
             self.f_frames += int(present.sum())
 
+    def to_tensor(self) -> torch.Tensor:
+        """(3 + thresholds,) float64: IoU sum, frames, F-score frames, per-threshold F sums
+        (add them up over batches or ranks, then ``from_tensor``)."""
+        head = torch.tensor([self.iou_sum, self.frames, self.f_frames], dtype=torch.float64)
+        return torch.cat([head, self.f_sum])
+
+    @classmethod
+    def from_tensor(cls, sums: torch.Tensor, beta2: float = BETA2) -> MaskMetrics:
+        metrics = cls(beta2, sums.numel() - 3)
+        metrics.iou_sum, metrics.frames, metrics.f_frames = float(sums[0]), int(sums[1]), int(sums[2])
+        metrics.f_sum = sums[3:].double().cpu().clone()
+        return metrics
+
     def compute(self) -> dict[str, float]:
         if not self.frames:
             raise ValueError("MaskMetrics.compute: expected at least one update, got none")
         fscore = float((self.f_sum / self.f_frames).max()) if self.f_frames else float("nan")
         return {"miou": self.iou_sum / self.frames, "fscore": fscore, "frames": self.frames,
                 "fscore_frames": self.f_frames}
+
+
+# ---------------------------------------------------------------------- decoder
+
+
+class _ChannelNorm(nn.LayerNorm):
+    """LayerNorm over the channels of an (N, C, H, W) map, at each pixel."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def _conv_block(cin: int, cout: int) -> nn.Sequential:
+    """Two 3x3 conv + BatchNorm + ReLU (the U-Net block both DeepAVFusion heads use)."""
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                         nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class AVSDecoder(nn.Module):
+    """Top-down mask decoder with audio-guided fusion at every level (DeepAVFusion's
+    ``AVSegmSimple`` structure, on any method's ``dense_features``).
+
+    ``levels``: (channels, (h, w)) of each visual map, top first; level i is decoded at the
+    top's grid times 2**i: a map on a coarser grid (a ViT's single grid) is brought there by a
+    transposed conv, a map already there (a Swin pyramid) by a 1x1 conv. Each level's map is
+    normalised over channels, concatenated with the audio vector projected to the level's
+    width (``max(min_width, width // 2**i)``), normalised and tiled, and merged with the
+    upsampled level above by a conv block. A 3x3 conv, 2x bilinear upsampling and a 3x3 conv
+    then give one logit per pixel, resized bilinearly to ``out_size``.
+
+    forward(maps [(N, C_i, h_i, w_i)], audio (N, Da)) -> logits (N, out_size, out_size).
+    """
+
+    def __init__(self, levels: list[tuple[int, tuple[int, int]]], audio_dim: int, out_size: int, *,
+                 width: int = 256, min_width: int = 128, predictor_width: int = 128):
+        super().__init__()
+        if not levels:
+            raise ValueError("levels: expected at least one (channels, (h, w)), got none")
+        top = tuple(levels[0][1])
+        self.out_size = out_size
+        widths = [max(min_width, width // 2 ** i) for i in range(len(levels))]
+        self.visual_norm = nn.ModuleList(_ChannelNorm(c) for c, _ in levels)
+        self.audio_proj = nn.ModuleList(nn.Linear(audio_dim, w) for w in widths)
+        self.audio_norm = nn.ModuleList(nn.LayerNorm(w) for w in widths)
+        self.lateral = nn.ModuleList()
+        for i, (c, grid) in enumerate(levels):
+            target = (top[0] * 2 ** i, top[1] * 2 ** i)
+            factor = target[0] // grid[0]
+            if factor < 1 or target != (grid[0] * factor, grid[1] * factor):
+                raise ValueError(f"levels: expected level {i}'s grid to divide {target} (the top grid {top} "
+                                 f"times 2**{i}), got {tuple(grid)}")
+            self.lateral.append(nn.Conv2d(c, widths[i], 1) if factor == 1 else
+                                nn.ConvTranspose2d(c, widths[i], factor, stride=factor))
+        self.top = _conv_block(2 * widths[0], widths[0])
+        self.up = nn.ModuleList(nn.ConvTranspose2d(widths[i - 1], widths[i], 2, stride=2) for i in range(1, len(levels)))
+        self.merge = nn.ModuleList(_conv_block(3 * widths[i], widths[i]) for i in range(1, len(levels)))
+        self.predict_hidden = nn.Conv2d(widths[-1], predictor_width, 3, padding=1)
+        self.predict_out = nn.Conv2d(predictor_width, 1, 3, padding=1)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, maps: list[Tensor], audio: Tensor) -> Tensor:
+        if len(maps) != len(self.lateral):
+            raise ValueError(f"maps: expected {len(self.lateral)} levels, got {len(maps)}")
+        x = None
+        for i, v in enumerate(maps):
+            v = self.lateral[i](self.visual_norm[i](v))
+            a = self.audio_norm[i](self.audio_proj[i](audio))[:, :, None, None].expand(-1, -1, *v.shape[2:])
+            if x is None:
+                x = self.top(torch.cat([v, a], 1))
+            else:
+                x = self.merge[i - 1](torch.cat([self.up[i - 1](x), v, a], 1))
+        x = torch.nn.functional.relu(self.predict_hidden(x))
+        x = torch.nn.functional.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        x = self.predict_out(x)
+        if x.shape[-1] != self.out_size or x.shape[-2] != self.out_size:
+            x = torch.nn.functional.interpolate(x, size=(self.out_size, self.out_size), mode="bilinear",
+                                                align_corners=False)
+        return x[:, 0]
+
+
+AVS_METHODS = ("stgcma", "dgsct", "deepavfusion")  # the methods the papers evaluate on AVSBench
+
+
+class AVSModel(nn.Module):
+    """A method's backbone (``dense_features``) and an ``AVSDecoder``.
+
+    forward(frames (B, 5, 3, S, S), audio (B, 5, *the preset's features of one window)) ->
+    {"logits": (B, 5, S, S)}. Per-second methods (STG-CMA, DG-SCT) see the 5 frames as their
+    T = 5 seconds; DeepAVFusion sees each frame with its window alone. The backbone's
+    classification heads, unused here, are frozen. ``loss`` is ``mask_loss`` with
+    ``iou_weight`` (0: upstream's BCE alone).
+    """
+
+    def __init__(self, method: str, backbone: nn.Module, iou_weight: float = 0.0, **decoder_kwargs):
+        super().__init__()
+        if not (isinstance(iou_weight, (int, float)) and iou_weight >= 0):
+            raise ValueError(f"iou_weight: expected a number >= 0, got {iou_weight!r}")
+        self.iou_weight = float(iou_weight)
+        if method not in AVS_METHODS:
+            raise ValueError(f"method: expected one of {AVS_METHODS} (the methods evaluated on AVSBench), got {method!r}")
+        frames = getattr(backbone.config, "num_frames", 1)
+        if frames not in (1, FRAMES):
+            raise ValueError(f"backbone: expected num_frames 1 or {FRAMES} (AVSBench's frames per clip), got {frames}")
+        self.method, self.backbone, self.per_frame = method, backbone, frames == 1
+        self.preset = backbone.preset
+        self.config = backbone.config
+        for name in backbone.dense_unused:
+            for p in backbone.get_submodule(name).parameters():
+                p.requires_grad_(False)
+        levels, audio_dim = backbone.dense_shapes()
+        self.decoder = AVSDecoder(levels, audio_dim, backbone.config.img_size, **decoder_kwargs)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def forward(self, frames: Tensor, audio: Tensor) -> dict[str, Tensor]:
+        if not isinstance(frames, Tensor) or frames.dim() != 5 or frames.shape[1] != FRAMES:
+            got = tuple(frames.shape) if isinstance(frames, Tensor) else type(frames).__name__
+            raise ValueError(f"frames: expected (B, {FRAMES}, 3, S, S), got {got}")
+        B = frames.shape[0]
+        if self.per_frame:
+            frames, audio = frames.flatten(0, 1)[:, None], audio.flatten(0, 1)  # one frame per window
+        maps, a = self.backbone.dense_features(frames, audio)
+        return {"logits": self.decoder(maps, a).unflatten(0, (B, FRAMES))}
+
+    def loss(self, out: dict[str, Tensor], batch: dict) -> tuple[Tensor, dict[str, float]]:
+        """``mask_loss`` (with ``iou_weight``) over the annotated frames of ``batch`` ("masks"
+        (B, 5, S, S), "annotated" (B, 5))."""
+        logits = out["logits"].float()
+        loss = mask_loss(logits.flatten(0, 1), batch["masks"].flatten(0, 1), batch["annotated"].flatten(),
+                         self.iou_weight)
+        return loss, {"loss": loss.item()}
+
+
+DECODER_SIZES = {"tiny": dict(width=64, min_width=16, predictor_width=16)}  # other sizes: AVSDecoder's defaults
+
+
+def build_avs_model(method: str, size: str = "base", pretrained: str | None = None,
+                    decoder: dict | None = None, iou_weight: float = 0.0, **overrides) -> AVSModel:
+    """An ``AVSModel``: ``method``'s backbone at ``size`` (with ``overrides``; the per-second
+    methods get num_frames 5; ``pretrained``: a local upstream checkpoint) and a decoder of
+    ``DECODER_SIZES[size]`` (or AVSDecoder's defaults) updated by ``decoder``; the loss's
+    ``iou_weight``."""
+    from avfast.models import build_model
+
+    if method not in AVS_METHODS:
+        raise ValueError(f"method: expected one of {AVS_METHODS} (the methods evaluated on AVSBench), got {method!r}")
+    if method != "deepavfusion":
+        overrides.setdefault("num_frames", FRAMES)
+    backbone = build_model(method, size, num_classes=2, pretrained=pretrained, **overrides)
+    return AVSModel(method, backbone, iou_weight, **{**DECODER_SIZES.get(size, {}), **(decoder or {})})

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import importlib
 import importlib.util
 import json
 import math
@@ -43,6 +44,9 @@ class TrainConfig:
     method: str
     data: str
     out: str = "runs/avfast"
+    task: str = "classify"  # a key of TASKS
+    avs_subset: str = "s4"  # task "avs": AVSBench's "s4" or "ms3"
+    val_split: str = "val"  # task "avs": the split validation (and avfast eval) scores
     val_data: str | None = None
     val_fraction: float = 0.2
     size: str = "base"
@@ -206,36 +210,19 @@ class Trainer:
         torch.manual_seed(cfg.seed + self.rank)
         self.out = Path(cfg.out)
         self.bad_rows: list[BadRow] = []  # of the manifests, then clips found unreadable
-        manifest = load_manifest(cfg.data, self.bad_rows)
-        if not len(manifest):
+        self.train_set, self.val_set, self.classes = self.load_data()
+        if not len(self.train_set):
             raise ValueError(f"data: expected usable clips in {cfg.data!r}, got none of "
                              f"{len(self.bad_rows)} rows: " + "; ".join(map(str, self.bad_rows[:5])))
-        if cfg.val_data:
-            val = align_classes(load_manifest(cfg.val_data, self.bad_rows), manifest.classes, self.bad_rows)
-            self.train_set, self.val_set = manifest, val
-        else:
-            self.train_set, self.val_set = split_manifest(manifest, cfg.val_fraction, cfg.seed)
         self.bad_rows.sort(key=lambda row: (row.file, row.row or 0))
         if self.rank == 0 and self.bad_rows:
             print(f"data: left out {len(self.bad_rows)} rows ({_by_reason(self.bad_rows)}), first: "
                   f"{self.bad_rows[0]}", flush=True)
-        self.num_classes = cfg.num_classes or num_classes_of(manifest, cfg.method)
-        overrides = dict(cfg.model_overrides)
-        if cfg.pretrain:
-            from avfast.models.deepavfusion import build_mae
-
-            if cfg.method != "deepavfusion":
-                raise ValueError(f"method: pretraining (AV-MAE) expects 'deepavfusion', got {cfg.method!r}")
-            self.model = build_mae(cfg.size, pretrained=cfg.pretrained, **overrides)
-        else:
-            self.model = build_model(cfg.method, cfg.size, num_classes=self.num_classes,
-                                     pretrained=cfg.pretrained, **overrides)
+        self.model = self.build_model()
         self.model.to(self.device)
         self.preset = model_preset(self.model)
-        self.train_loader = make_loader(cfg, self.train_set, self.preset, train=True, device=self.device,
-                                        rank=self.rank, world=self.world)
-        self.val_loader = make_loader(cfg, self.val_set, self.preset, train=False, device=self.device,
-                                      rank=self.rank, world=self.world) if len(self.val_set) else None
+        self.train_loader = self.make_loader(self.train_set, train=True)
+        self.val_loader = self.make_loader(self.val_set, train=False) if len(self.val_set) else None
         params = self.model.trainable_parameters()
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
@@ -266,6 +253,49 @@ class Trainer:
         if cfg.resume:
             self._resume(cfg.resume)
 
+    # ------------------------------------------------------------------ what a task defines
+
+    score_name = "val_accuracy"  # the validation result that picks best.pt (higher is better)
+
+    def load_data(self) -> tuple[Any, Any, list[str]]:
+        """(train clips, validation clips, class names); bad rows go to ``self.bad_rows``."""
+        cfg = self.cfg
+        manifest = load_manifest(cfg.data, self.bad_rows)
+        if cfg.val_data:
+            val = align_classes(load_manifest(cfg.val_data, self.bad_rows), manifest.classes, self.bad_rows)
+            train = manifest
+        else:
+            train, val = split_manifest(manifest, cfg.val_fraction, cfg.seed) if len(manifest) else (manifest, manifest)
+        self.num_classes = cfg.num_classes or num_classes_of(manifest, cfg.method)
+        return train, val, manifest.classes
+
+    def build_model(self):
+        cfg, overrides = self.cfg, dict(self.cfg.model_overrides)
+        if cfg.pretrain:
+            from avfast.models.deepavfusion import build_mae
+
+            if cfg.method != "deepavfusion":
+                raise ValueError(f"method: pretraining (AV-MAE) expects 'deepavfusion', got {cfg.method!r}")
+            return build_mae(cfg.size, pretrained=cfg.pretrained, **overrides)
+        return build_model(cfg.method, cfg.size, num_classes=self.num_classes, pretrained=cfg.pretrained, **overrides)
+
+    def make_loader(self, clips, *, train: bool):
+        return make_loader(self.cfg, clips, self.preset, train=train, device=self.device, rank=self.rank,
+                           world=self.world)
+
+    metric_width = 2  # length of metric_sums
+
+    def metric_sums(self, batch: dict, out: dict) -> torch.Tensor:
+        """(metric_width,) float64 sums over one validation batch that ``metrics`` turns into
+        results (summed over batches and ranks): here (correct, count)."""
+        correct, count = accuracy_counts(self.model.predict(out).float(), batch)
+        return torch.tensor([correct, count], dtype=torch.float64)
+
+    def metrics(self, sums: torch.Tensor) -> dict[str, float]:
+        return {"val_accuracy": float(sums[0] / sums[1].clamp_min(1))}
+
+    # ------------------------------------------------------------------ resume
+
     def _resume(self, mode: bool | str) -> None:
         """Continue from OUT/last.pt: "last" (or True) raises naming the file when it
         cannot be read; "auto" falls back to last.pt.prev (said in the log) and starts
@@ -292,7 +322,7 @@ class Trainer:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "epoch": self.epoch,
                 "batch_in_epoch": self.batch_in_epoch, "step": self.step, "best": self.best,
-                "config": dataclasses.asdict(self.cfg), "classes": self.train_set.classes,
+                "config": dataclasses.asdict(self.cfg), "classes": self.classes,
                 "num_classes": self.num_classes,
                 "unreadable": [dataclasses.asdict(b) for b in self.bad_rows if b.reason == "unreadable"]}
 
@@ -388,23 +418,23 @@ class Trainer:
         loader = loader or self.val_loader
         self.model.eval()
         saved = rng_state()
-        totals = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss sum, clips, correct, count
+        # loss sum, clips, then the task's metric sums
+        totals = torch.zeros(2 + (0 if self.cfg.pretrain else self.metric_width), dtype=torch.float64)
         for batch in loader:
             with local_negatives():
                 loss, _, out = self.compute_loss(batch, self.step_module)
             n = batch["index"].numel()
-            totals[0] += float(loss) * n
-            totals[1] += n
+            totals[:2] += torch.tensor([float(loss) * n, n], dtype=torch.float64)
             if out:
-                correct, count = accuracy_counts(self.model.predict(out).float(), batch)
-                totals[2] += correct
-                totals[3] += count
+                totals[2:] += self.metric_sums(batch, out)
         set_rng_state(saved)
+        totals = totals.to(self.device)
         if self.world > 1:
             dist.all_reduce(totals)
+        totals = totals.cpu()
         result = {"val_loss": float(totals[0] / totals[1].clamp_min(1))}
         if not self.cfg.pretrain:
-            result["val_accuracy"] = float(totals[2] / totals[3].clamp_min(1))
+            result.update(self.metrics(totals[2:]))
         return result
 
     def fit(self) -> dict[str, float]:
@@ -449,7 +479,7 @@ class Trainer:
             # this stretch from the previous last.pt, evaluation and best.pt included
             result = self.evaluate() if self.val_loader is not None else {}
             self._note_unreadable()
-            score = result.get("val_accuracy", -result.get("val_loss", math.inf))
+            score = result.get(self.score_name, -result.get("val_loss", math.inf))
             improved = bool(result) and score > self.best
             if improved:
                 self.best = score
@@ -465,18 +495,29 @@ class Trainer:
         return self.cfg.max_steps is not None and self.step >= self.cfg.max_steps
 
 
+TASKS = {"classify": "avfast.train.loop:Trainer", "avs": "avfast.train.tasks:AVSTrainer"}
+
+
+def make_trainer(cfg: TrainConfig) -> Trainer:
+    """The Trainer of ``cfg.task``."""
+    if cfg.task not in TASKS:
+        raise ValueError(f"task: expected one of {sorted(TASKS)}, got {cfg.task!r}")
+    module, name = TASKS[cfg.task].split(":")
+    return getattr(importlib.import_module(module), name)(cfg)
+
+
 def checkpoint_evaluator(path: str, data: str, *, batch_size: int = 8, workers: int = 4,
-                         device: str | None = None) -> Trainer:
+                         device: str | None = None, split: str = "test") -> Trainer:
     """A Trainer holding the model of a checkpoint written by ``avfast train``, evaluating on
-    ``data`` (all of it): call ``.evaluate()``."""
+    ``data`` (all of it; an AVS checkpoint: the AVSBench ``split`` under it): call ``.evaluate()``."""
     ckpt = load_checkpoint(path)
     cfg = TrainConfig(**{**ckpt["config"], "data": data, "val_data": data, "batch_size": batch_size,
                          "workers": workers, "device": device, "resume": False, "pretrained": None,
-                         "num_classes": ckpt["num_classes"], "out": str(Path(path).parent)})
-    trainer = Trainer(cfg)
-    if trainer.train_set.classes != ckpt["classes"]:
+                         "num_classes": ckpt["num_classes"], "out": str(Path(path).parent), "val_split": split})
+    trainer = make_trainer(cfg)
+    if trainer.classes != ckpt["classes"]:
         raise ValueError(f"data: expected the checkpoint's classes {ckpt['classes'][:5]}..., "
-                         f"got {trainer.train_set.classes[:5]}... from {data!r}")
+                         f"got {trainer.classes[:5]}... from {data!r}")
     trainer.model.load_state_dict(ckpt["model"])
     return trainer
 
