@@ -310,9 +310,13 @@ def check_cosine_lse(case, seed: int) -> list[str]:
     problems: list[str] = []
     for name, a, p, e in zip(("lse_row", "lse_col", "diag"), got, plain, exact):
         compare(name, a, p, e, dtype, 1 / kw["tau"], problems)
-    for name in tensors:
+    g = torch.Generator().manual_seed(seed)  # run_with_grads's upstream gradients, drawn again
+    g_row, g_col, g_diag = (torch.randn(o.shape, generator=g, dtype=torch.float64) for o in exact)
+    storage = storage_term(tensors["z_row"], tensors["z_col"], g_row, g_col if kw["col_lse"] else 0 * g_col,
+                           g_diag, kw, dtype)
+    for name, term in zip(tensors, storage):
         compare(f"grad {name}", got_g[name], plain_g[name], exact_g[name], dtype, 1 / kw["tau"], problems,
-                cosine_grad_term(tensors[name], kw["tau"], 5.0))
+                cosine_grad_term(tensors[name], kw["tau"], 5.0) + term)
     return problems
 
 
@@ -325,6 +329,35 @@ def cosine_grad_term(z: torch.Tensor, tau: float, g_max: float) -> torch.Tensor:
     noise by 1e12, as F.normalize's own gradient does."""
     norms = z.double().norm(dim=-1, keepdim=True).clamp_min(infonce_ref.NORM_EPS)
     return 8 * EPS32 * g_max / (tau * tau * norms)
+
+
+def storage_term(z_row, z_col, g_row, g_col, g_diag, kw, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' storage term of the cosine-score gradients, per row of z_row (K, Br, 1)
+    and of z_col (K, Bc, 1), for upstream gradients g_row, g_col (0 without col_lse), g_diag
+    of lse_row, lse_col, diag. The backward stores dS and the unit rows in the inputs' dtype
+    for its tensor-core matmuls (a relative rounding of eps/2 each), so d zhat_col[j] errs
+    by up to eps sum_i |dS_ij| |zhat_row_i| / tau (rows alike); normalize's backward projects
+    that error (norm <= 1) and divides it by |z|. It shows where d zhat is nearly radial (few
+    dimensions): the gradient, its tangential part, is then far smaller than d zhat, whose
+    rounding it keeps (seed 2460850135: d 2, a radial part 170 times the tangential one)."""
+    tau, eps = kw["tau"], torch.finfo(dtype).eps
+    zr, zc = z_row.double(), z_col.double()
+    nr, nc = (z.norm(dim=-1).clamp_min(infonce_ref.NORM_EPS) for z in (zr, zc))
+    ur, uc = zr / nr[..., None], zc / nc[..., None]
+    lse_row, lse_col, _ = infonce_ref.cosine_lse(zr, zc, **kw)
+    s = ur @ uc.transpose(1, 2) / tau
+    K, Br, Bc = s.shape
+    vr = kw["valid_row"] if kw.get("valid_row") is not None else torch.ones(Br, dtype=torch.bool)
+    vc = kw["valid_col"] if kw.get("valid_col") is not None else torch.ones(Bc, dtype=torch.bool)
+    pair = vr[:, None] & vc[None, :]
+    ds = g_row.abs()[..., None] * torch.exp(torch.where(pair, s - lse_row[..., None], -torch.inf))
+    ds = ds + g_col.abs()[:, None, :] * torch.exp(torch.where(pair, s - lse_col[:, None, :], -torch.inf))
+    on_diag = torch.arange(Bc)[None, :] == torch.arange(Br)[:, None] + kw.get("row_offset", 0)
+    ds = ds + torch.where(on_diag & pair, g_diag.abs()[..., None], 0.0)
+    unit_r, unit_c = ur.norm(dim=-1), uc.norm(dim=-1)  # 1, or 0 for a zero row
+    term_row = 2 * eps / tau * (ds * unit_c[:, None, :]).sum(-1) / nr
+    term_col = 2 * eps / tau * (ds * unit_r[..., None]).sum(-2) / nc
+    return term_row[..., None], term_col[..., None]
 
 
 def test_cosine_lse_fuzz(monkeypatch):
@@ -357,9 +390,18 @@ def check_infonce(case, seed: int) -> list[str]:
     n_valid = tensors["z_a"].shape[1] if kw["valid"] is None else int(kw["valid"].sum())
     terms = 2 * tensors["z_a"].shape[0] * n_valid if kw["reduction"] == "sum" else 0
     compare("loss", got[0], plain[0], exact[0], dtype, 1 / kw["tau"], problems, 4 * EPS32 / kw["tau"] * terms)
-    for name in tensors:
+    # the loss is cosine_lse(z_v, z_a) with lse weights w / (2 n_valid) per valid row and
+    # positives -2 w / (2 n_valid), w the block's upstream gradient (over K for a mean)
+    K, B = tensors["z_a"].shape[:2]
+    g0 = torch.randn(exact[0].shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    w = (g0 / K if kw["reduction"] == "mean" else g0).expand(K)[:, None] / (2 * max(n_valid, 1))
+    rows = torch.ones(B, dtype=torch.bool) if kw["valid"] is None else kw["valid"]
+    g_lse = (w * rows).expand(K, B)
+    term_v, term_a = storage_term(tensors["z_v"], tensors["z_a"], g_lse, g_lse, -2 * g_lse,
+                                  dict(tau=kw["tau"], valid_row=kw["valid"], valid_col=kw["valid"]), dtype)
+    for name, term in (("z_a", term_a), ("z_v", term_v)):
         compare(f"grad {name}", got_g[name], plain_g[name], exact_g[name], dtype, 1 / kw["tau"], problems,
-                cosine_grad_term(tensors[name], kw["tau"], 5.0))
+                cosine_grad_term(tensors[name], kw["tau"], 5.0) + term)
     return problems
 
 
