@@ -18,6 +18,7 @@
     avfast eval --checkpoint C --data D   accuracy (AVS: mIoU, F-score) of a checkpoint
     avfast demo [--task avs]         synthetic clips + a tiny model trained in minutes, accuracy vs chance
                                      (avs: mIoU on synthetic S4 clips)
+    avfast localize --checkpoint C   a PNG of where the sound is in a clip (AVS head or Grad-CAM)
 """
 
 from __future__ import annotations
@@ -248,7 +249,15 @@ def _add_train_commands(sub) -> dict[str, argparse.ArgumentParser]:
     p_demo.add_argument("--clips", type=int, default=48, help="avs: training clips (48)")
     p_demo.add_argument("--workers", type=int)
     p_demo.add_argument("--seed", type=int, default=0)
-    parsers.update(eval=p_eval, demo=p_demo)
+    p_loc = sub.add_parser("localize", help="PNG map of where the sound is in a clip, for a trained checkpoint")
+    p_loc.add_argument("--checkpoint", required=True, help="last.pt / best.pt of avfast train")
+    p_loc.add_argument("--data", help="an AVS checkpoint: the AVSBench root holding the clip")
+    p_loc.add_argument("--subset", choices=("s4", "ms3"), help="an AVS checkpoint: S4 or MS3 (default: its run's)")
+    p_loc.add_argument("--split", choices=("train", "val", "test"), default="test")
+    p_loc.add_argument("--index", type=int, default=0, help="the clip's position in the split (0)")
+    p_loc.add_argument("--video", help="a classification checkpoint: the video file to map (Grad-CAM)")
+    p_loc.add_argument("--out", default="localize", help="folder for <clip>.png (localize)")
+    parsers.update(eval=p_eval, demo=p_demo, localize=p_loc)
     return parsers
 
 
@@ -291,6 +300,18 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def localize(args: argparse.Namespace) -> int:
+    from avfast.train.tasks import localize as write_map
+
+    try:
+        path = write_map(args.checkpoint, args.out, data=args.data, subset=args.subset, split=args.split,
+                         index=args.index, video=args.video)
+    except (ValueError, FileNotFoundError) as err:
+        raise UsageError(str(err)) from err
+    print(f"wrote {path}")
+    return 0
+
+
 def demo(args: argparse.Namespace) -> int:
     from avfast.train.demo import run_avs_demo, run_demo
 
@@ -325,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, FileNotFoundError) as err:  # bad arguments: exit 2 with the message
             data_parsers[args.command].error(str(err))
     if args.command in train_parsers:
-        run = {"train": train, "pretrain": train, "eval": evaluate, "demo": demo}[args.command]
+        run = {"train": train, "pretrain": train, "eval": evaluate, "demo": demo, "localize": localize}[args.command]
         try:
             return run(args)
         except UsageError as err:

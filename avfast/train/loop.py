@@ -270,14 +270,19 @@ class Trainer:
         return train, val, manifest.classes
 
     def build_model(self):
-        cfg, overrides = self.cfg, dict(self.cfg.model_overrides)
+        return self.model_for(self.cfg, self.num_classes)
+
+    @staticmethod
+    def model_for(cfg: TrainConfig, num_classes: int):
+        """The model a run of ``cfg`` trains (``num_classes`` outputs)."""
+        overrides = dict(cfg.model_overrides)
         if cfg.pretrain:
             from avfast.models.deepavfusion import build_mae
 
             if cfg.method != "deepavfusion":
                 raise ValueError(f"method: pretraining (AV-MAE) expects 'deepavfusion', got {cfg.method!r}")
             return build_mae(cfg.size, pretrained=cfg.pretrained, **overrides)
-        return build_model(cfg.method, cfg.size, num_classes=self.num_classes, pretrained=cfg.pretrained, **overrides)
+        return build_model(cfg.method, cfg.size, num_classes=num_classes, pretrained=cfg.pretrained, **overrides)
 
     def make_loader(self, clips, *, train: bool):
         return make_loader(self.cfg, clips, self.preset, train=train, device=self.device, rank=self.rank,
@@ -498,12 +503,27 @@ class Trainer:
 TASKS = {"classify": "avfast.train.loop:Trainer", "avs": "avfast.train.tasks:AVSTrainer"}
 
 
+def trainer_class(task: str) -> type[Trainer]:
+    """The Trainer class of ``task``."""
+    if task not in TASKS:
+        raise ValueError(f"task: expected one of {sorted(TASKS)}, got {task!r}")
+    module, name = TASKS[task].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def make_trainer(cfg: TrainConfig) -> Trainer:
     """The Trainer of ``cfg.task``."""
-    if cfg.task not in TASKS:
-        raise ValueError(f"task: expected one of {sorted(TASKS)}, got {cfg.task!r}")
-    module, name = TASKS[cfg.task].split(":")
-    return getattr(importlib.import_module(module), name)(cfg)
+    return trainer_class(cfg.task)(cfg)
+
+
+def model_from_checkpoint(path: str) -> tuple[torch.nn.Module, TrainConfig]:
+    """(the trained model in eval mode, on the CPU; its run's TrainConfig) of a checkpoint
+    written by ``avfast train``."""
+    ckpt = load_checkpoint(path)
+    cfg = TrainConfig(**{**ckpt["config"], "pretrained": None})
+    model = trainer_class(cfg.task).model_for(cfg, ckpt["num_classes"])
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), cfg
 
 
 def checkpoint_evaluator(path: str, data: str, *, batch_size: int = 8, workers: int = 4,

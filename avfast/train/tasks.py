@@ -1,14 +1,19 @@
 """The Trainers of the downstream tasks: ``avfast train --task avs`` (the classification
 Trainer with the task's data, model and validation metrics; logs, checkpoints, resume,
-progress and DDP as for classification).
+progress and DDP as for classification), and ``localize``: sounding-region PNGs of a
+trained checkpoint (``avfast localize``).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from avfast.tasks.segmentation import THRESHOLDS, AVSLoader, MaskMetrics, build_avs_model, read_avsbench
-from avfast.train.loop import Trainer
+from avfast.tasks import localization
+from avfast.tasks.segmentation import (THRESHOLDS, AVSDataset, AVSLoader, AVSModel, MaskMetrics, build_avs_model,
+                                       read_avsbench)
+from avfast.train.loop import Trainer, model_from_checkpoint, model_preset
 
 
 class AVSTrainer(Trainer):
@@ -28,8 +33,8 @@ class AVSTrainer(Trainer):
         self.num_classes = 1
         return train, val, []
 
-    def build_model(self):
-        cfg = self.cfg
+    @staticmethod
+    def model_for(cfg, num_classes: int):
         overrides = dict(cfg.model_overrides)
         decoder = {k.removeprefix("decoder_"): overrides.pop(k) for k in list(overrides) if k.startswith("decoder_")}
         iou_weight = overrides.pop("iou_weight", 0.0)
@@ -54,3 +59,40 @@ class AVSTrainer(Trainer):
     def metrics(self, sums: torch.Tensor) -> dict[str, float]:
         result = MaskMetrics.from_tensor(sums).compute()
         return {"val_miou": result["miou"], "val_fscore": result["fscore"]}
+
+
+def localize(checkpoint: str, out: str, *, data: str | None = None, subset: str | None = None,
+             split: str = "test", index: int = 0, video: str | None = None) -> str:
+    """Write ``out``/<clip>.png, the sounding-region map of one clip (see
+    ``avfast.tasks.localization``), and return its path. An AVS checkpoint maps clip ``index``
+    of ``split`` of the AVSBench root ``data`` (its run's subset unless ``subset``); a
+    classification checkpoint maps the video file ``video`` (Grad-CAM)."""
+    model, cfg = model_from_checkpoint(checkpoint)
+    preset = model_preset(model)
+    if isinstance(model, AVSModel):
+        if data is None or video is not None:
+            raise ValueError("data: an AVS checkpoint maps a clip of an AVSBench root: expected --data ROOT "
+                             f"(and no --video), got data={data!r}, video={video!r}")
+        clips = read_avsbench(data, subset or cfg.avs_subset, split)
+        if not 0 <= index < len(clips):
+            raise ValueError(f"index: expected 0 <= index < {len(clips)} (the clips of {split!r}), got {index}")
+        item = AVSDataset(clips, preset)[index]
+        frames, audio, name = item["frames"], item["audio"], clips[index].id
+        maps = localization.avs_maps(model, frames[None], audio[None])
+    else:
+        from avfast.data.cpu import ClipDataset
+        from avfast.data.manifest import Clip, Manifest
+
+        if video is None:
+            raise ValueError(f"video: a {cfg.method} classification checkpoint maps a video file: expected "
+                             "--video FILE, got none")
+        if not os.path.isfile(video):
+            raise FileNotFoundError(f"video: expected a video file, got no such file {video!r}")
+        item = ClipDataset(Manifest([Clip(path=os.path.abspath(video), labels=())], []), preset, train=False)[0]
+        if "frames" not in item:
+            raise ValueError(f"video: could not read {video!r}: {item['unreadable']}")
+        frames, audio = item["frames"], item["audio"]
+        name = os.path.splitext(os.path.basename(video))[0]
+        maps = localization.gradcam_maps(model, cfg.method, frames[None], audio[None])
+    shown = localization.display_frames(frames, preset.video.mean, preset.video.std)
+    return localization.write_overlay_png(os.path.join(out, f"{name}.png"), shown, maps.clamp(0, 1))
