@@ -9,8 +9,9 @@ import torch
 
 from avfast.models import build_model
 from avfast.models.base import spread_layers
-from avfast.tasks.segmentation import (FRAMES, AVSDecoder, AVSLoader, AVSModel, MaskMetrics, build_avs_model,
-                                       make_avsbench, read_avsbench)
+from avfast.nn import GuidedDecoder
+from avfast.tasks.segmentation import (FRAMES, AVSLoader, AVSModel, MaskMetrics, build_avs_model, make_avsbench,
+                                       read_avsbench)
 from seeding import fresh_seed
 
 TINY = {"deepavfusion": dict(img_size=32, patch_size=8), "stgcma": dict(img_size=32, patch_size=8),
@@ -78,8 +79,8 @@ def test_dense_features_have_the_shapes_dense_shapes_says_and_leave_forward_unch
 
 def test_decoder_brings_each_level_to_twice_the_grid_above_and_rejects_a_grid_that_does_not_fit():
     fresh_seed()
-    vit = AVSDecoder([(8, (4, 4))] * 3, 5, out_size=40, width=16, min_width=4, predictor_width=4)
-    swin = AVSDecoder([(16, (2, 2)), (8, (4, 4)), (4, (8, 8))], 5, out_size=32, width=16, min_width=4,
+    vit = GuidedDecoder([(8, (4, 4))] * 3, 5, out_size=40, width=16, min_width=4, predictor_width=4)
+    swin = GuidedDecoder([(16, (2, 2)), (8, (4, 4)), (4, (8, 8))], 5, out_size=32, width=16, min_width=4,
                       predictor_width=4)
     assert isinstance(vit.lateral[0], torch.nn.Conv2d) and vit.lateral[2].stride == (4, 4)
     assert all(isinstance(m, torch.nn.Conv2d) for m in swin.lateral)
@@ -88,7 +89,7 @@ def test_decoder_brings_each_level_to_twice_the_grid_above_and_rejects_a_grid_th
     assert swin([torch.randn(2, 16, 2, 2), torch.randn(2, 8, 4, 4), torch.randn(2, 4, 8, 8)],
                 torch.randn(2, 5)).shape == (2, 32, 32)
     with pytest.raises(ValueError, match=r"level 1's grid to divide \(8, 8\).*got \(3, 3\)"):
-        AVSDecoder([(8, (4, 4)), (8, (3, 3))], 5, out_size=32)
+        GuidedDecoder([(8, (4, 4)), (8, (3, 3))], 5, out_size=32)
     with pytest.raises(ValueError, match="maps: expected 3 levels, got 2"):
         vit([torch.randn(3, 8, 4, 4)] * 2, torch.randn(3, 5))
 

@@ -49,6 +49,7 @@ from avfast.data.manifest import BadRow, report_bad_row
 from avfast.data.presets import Preset, get_preset
 from avfast.data.sampling import epoch_indices
 from avfast.data.synthetic import class_colour, class_frequency, tone
+from avfast.nn.decoders import GuidedDecoder
 from avfast.data.transforms import audio_features, crop_resize_frames, gather_windows, normalize_frames
 
 IOU_EPS = 1e-7  # AVSBench's eps in inter / (union + eps)
@@ -477,96 +478,12 @@ class MaskMetrics:
                 "fscore_frames": self.f_frames}
 
 
-# ---------------------------------------------------------------------- decoder
-
-
-class _ChannelNorm(nn.LayerNorm):
-    """LayerNorm over the channels of an (N, C, H, W) map, at each pixel."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-
-def _conv_block(cin: int, cout: int) -> nn.Sequential:
-    """Two 3x3 conv + BatchNorm + ReLU (the U-Net block both DeepAVFusion heads use)."""
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-                         nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-
-
-class AVSDecoder(nn.Module):
-    """Top-down mask decoder with audio-guided fusion at every level (DeepAVFusion's
-    ``AVSegmSimple`` structure, on any method's ``dense_features``).
-
-    ``levels``: (channels, (h, w)) of each visual map, top first; level i is decoded at the
-    top's grid times 2**i: a map on a coarser grid (a ViT's single grid) is brought there by a
-    transposed conv, a map already there (a Swin pyramid) by a 1x1 conv. Each level's map is
-    normalised over channels, concatenated with the audio vector projected to the level's
-    width (``max(min_width, width // 2**i)``), normalised and tiled, and merged with the
-    upsampled level above by a conv block. A 3x3 conv, 2x bilinear upsampling and a 3x3 conv
-    then give one logit per pixel, resized bilinearly to ``out_size``.
-
-    forward(maps [(N, C_i, h_i, w_i)], audio (N, Da)) -> logits (N, out_size, out_size).
-    """
-
-    def __init__(self, levels: list[tuple[int, tuple[int, int]]], audio_dim: int, out_size: int, *,
-                 width: int = 256, min_width: int = 128, predictor_width: int = 128):
-        super().__init__()
-        if not levels:
-            raise ValueError("levels: expected at least one (channels, (h, w)), got none")
-        top = tuple(levels[0][1])
-        self.out_size = out_size
-        widths = [max(min_width, width // 2 ** i) for i in range(len(levels))]
-        self.visual_norm = nn.ModuleList(_ChannelNorm(c) for c, _ in levels)
-        self.audio_proj = nn.ModuleList(nn.Linear(audio_dim, w) for w in widths)
-        self.audio_norm = nn.ModuleList(nn.LayerNorm(w) for w in widths)
-        self.lateral = nn.ModuleList()
-        for i, (c, grid) in enumerate(levels):
-            target = (top[0] * 2 ** i, top[1] * 2 ** i)
-            factor = target[0] // grid[0]
-            if factor < 1 or target != (grid[0] * factor, grid[1] * factor):
-                raise ValueError(f"levels: expected level {i}'s grid to divide {target} (the top grid {top} "
-                                 f"times 2**{i}), got {tuple(grid)}")
-            self.lateral.append(nn.Conv2d(c, widths[i], 1) if factor == 1 else
-                                nn.ConvTranspose2d(c, widths[i], factor, stride=factor))
-        self.top = _conv_block(2 * widths[0], widths[0])
-        self.up = nn.ModuleList(nn.ConvTranspose2d(widths[i - 1], widths[i], 2, stride=2) for i in range(1, len(levels)))
-        self.merge = nn.ModuleList(_conv_block(3 * widths[i], widths[i]) for i in range(1, len(levels)))
-        self.predict_hidden = nn.Conv2d(widths[-1], predictor_width, 3, padding=1)
-        self.predict_out = nn.Conv2d(predictor_width, 1, 3, padding=1)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-
-    def forward(self, maps: list[Tensor], audio: Tensor) -> Tensor:
-        if len(maps) != len(self.lateral):
-            raise ValueError(f"maps: expected {len(self.lateral)} levels, got {len(maps)}")
-        x = None
-        for i, v in enumerate(maps):
-            v = self.lateral[i](self.visual_norm[i](v))
-            a = self.audio_norm[i](self.audio_proj[i](audio))[:, :, None, None].expand(-1, -1, *v.shape[2:])
-            if x is None:
-                x = self.top(torch.cat([v, a], 1))
-            else:
-                x = self.merge[i - 1](torch.cat([self.up[i - 1](x), v, a], 1))
-        x = torch.nn.functional.relu(self.predict_hidden(x))
-        x = torch.nn.functional.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-        x = self.predict_out(x)
-        if x.shape[-1] != self.out_size or x.shape[-2] != self.out_size:
-            x = torch.nn.functional.interpolate(x, size=(self.out_size, self.out_size), mode="bilinear",
-                                                align_corners=False)
-        return x[:, 0]
-
-
 AVS_METHODS = ("stgcma", "dgsct", "deepavfusion")  # the methods the papers evaluate on AVSBench
 
 
 class AVSModel(nn.Module):
-    """A method's backbone (``dense_features``) and an ``AVSDecoder``.
+    """A method's backbone (``dense_features``) and a ``GuidedDecoder`` of its visual maps,
+    guided by the audio vector (DeepAVFusion's ``AVSegmSimple`` structure).
 
     forward(frames (B, 5, 3, S, S), audio (B, 5, *the preset's features of one window)) ->
     {"logits": (B, 5, S, S)}. Per-second methods (STG-CMA, DG-SCT) see the 5 frames as their
@@ -592,7 +509,7 @@ class AVSModel(nn.Module):
             for p in backbone.get_submodule(name).parameters():
                 p.requires_grad_(False)
         levels, audio_dim = backbone.dense_shapes()
-        self.decoder = AVSDecoder(levels, audio_dim, backbone.config.img_size, **decoder_kwargs)
+        self.decoder = GuidedDecoder(levels, audio_dim, backbone.config.img_size, **decoder_kwargs)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -616,14 +533,14 @@ class AVSModel(nn.Module):
         return loss, {"loss": loss.item()}
 
 
-DECODER_SIZES = {"tiny": dict(width=64, min_width=16, predictor_width=16)}  # other sizes: AVSDecoder's defaults
+DECODER_SIZES = {"tiny": dict(width=64, min_width=16, predictor_width=16)}  # other sizes: GuidedDecoder's defaults
 
 
 def build_avs_model(method: str, size: str = "base", pretrained: str | None = None,
                     decoder: dict | None = None, iou_weight: float = 0.0, **overrides) -> AVSModel:
     """An ``AVSModel``: ``method``'s backbone at ``size`` (with ``overrides``; the per-second
     methods get num_frames 5; ``pretrained``: a local upstream checkpoint) and a decoder of
-    ``DECODER_SIZES[size]`` (or AVSDecoder's defaults) updated by ``decoder``; the loss's
+    ``DECODER_SIZES[size]`` (or GuidedDecoder's defaults) updated by ``decoder``; the loss's
     ``iou_weight``."""
     from avfast.models import build_model
 
