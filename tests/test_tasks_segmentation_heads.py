@@ -10,7 +10,7 @@ import torch
 from avfast.models import build_model
 from avfast.models.base import spread_layers
 from avfast.nn import GuidedDecoder
-from avfast.tasks.segmentation import (FRAMES, AVSLoader, AVSModel, MaskMetrics, build_avs_model, make_avsbench,
+from avfast.tasks.segmentation import (FRAMES, AVSModel, MaskMetrics, avs_loader, build_avs_model, make_avsbench,
                                        read_avsbench)
 from seeding import fresh_seed
 
@@ -134,7 +134,7 @@ def test_avs_loader_orders_shards_and_leaves_out_an_unreadable_clip(tmp_path):
     with open(clips[2].frames[3], "wb") as f:
         f.write(b"not a png")
     preset = build_model("stgcma", "tiny", num_classes=2).preset
-    loader = AVSLoader(clips, preset, batch_size=2, train=True, seed=4)
+    loader = avs_loader(clips, preset, batch_size=2, train=True, seed=4)
     assert len(loader) == 3
     seen = [b["index"].tolist() for b in loader.batches()]
     assert sorted(i for b in seen for i in b) == [0, 1, 3, 4]  # clip 2 left out
@@ -142,13 +142,13 @@ def test_avs_loader_orders_shards_and_leaves_out_an_unreadable_clip(tmp_path):
     assert loader.skipped == {"unreadable": 1} and loader.epoch == 1
     loader.set_epoch(0)
     assert [b["index"].tolist() for b in loader.batches(start=1)] == seen[1:]  # resume mid-epoch
-    val = AVSLoader(read_avsbench(tmp_path, "s4", "val"), preset, batch_size=4, train=False)
+    val = avs_loader(read_avsbench(tmp_path, "s4", "val"), preset, batch_size=4, train=False)
     batch = next(iter(val))
     assert batch["index"].tolist() == [0, 1] and batch["annotated"].all()
-    halves = [AVSLoader(clips, preset, batch_size=8, train=False, shard_id=k, num_shards=2) for k in (0, 1)]
+    halves = [avs_loader(clips, preset, batch_size=8, train=False, shard_id=k, num_shards=2) for k in (0, 1)]
     assert [next(iter(h))["index"].tolist() for h in halves] == [[0, 4], [1, 3]]
     with pytest.raises(ValueError, match="batch_size: expected an integer >= 1, got 0"):
-        AVSLoader(clips, preset, batch_size=0, train=True)
+        avs_loader(clips, preset, batch_size=0, train=True)
 
 
 def test_mask_metrics_sums_add_up_across_parts():

@@ -186,3 +186,84 @@ class CPULoader:
         self.skipped = dict(counts)
         log_skipped(self.epoch, counts)
         self.epoch += 1
+
+
+class IndexedLoader:
+    """Batches of ``dataset.load(index)`` dicts (tensors of equal shapes) through a DataLoader
+    with ``num_workers`` workers, in ``epoch_indices`` order: a seeded permutation per epoch
+    when training, every item once in order when evaluating; sharded for DDP. Items whose
+    ``load`` raises (RuntimeError, OSError, ValueError, EOFError: a file that cannot be
+    decoded) are left out of their batch (a batch left empty is skipped) and kept in
+    ``unreadable`` {index: (reason, message)}; ``skipped``: the last epoch's counts by
+    reason. ``dataset.set_epoch(epoch)``, where it exists, is called before each epoch. The
+    interface of ``CPULoader`` (the downstream tasks' datasets use it).
+    """
+
+    def __init__(self, dataset, *, batch_size: int, train: bool, num_workers: int = 0, seed: int = 0,
+                 shard_id: int = 0, num_shards: int = 1, device: str | torch.device | None = None):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+        self.dataset = dataset
+        self.batch_size, self.train, self.num_workers, self.seed = batch_size, train, num_workers, seed
+        self.shard_id, self.num_shards = shard_id, num_shards
+        self.device = None if device is None else torch.device(device)
+        self.epoch = 0
+        self.skipped: dict[str, int] = {}
+        self.unreadable: dict[int, tuple[str, str]] = {}
+
+    def _indices(self) -> np.ndarray:
+        return epoch_indices(len(self.dataset), train=self.train, seed=self.seed, epoch=self.epoch,
+                             shard_id=self.shard_id, num_shards=self.num_shards)
+
+    def __len__(self) -> int:
+        return -(-len(self._indices()) // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        return self.batches()
+
+    def batches(self, start: int = 0) -> Iterator[dict]:
+        """This epoch's batches from batch ``start`` on."""
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self.epoch)
+        loader = torch.utils.data.DataLoader(
+            _Guarded(self.dataset), batch_size=self.batch_size,
+            sampler=self._indices()[start * self.batch_size:].tolist(), num_workers=self.num_workers,
+            collate_fn=_collate_guarded, pin_memory=self.device is not None and self.device.type == "cuda")
+        skipped = 0
+        for batch in loader:
+            for index, message in batch.pop("unreadable"):
+                self.unreadable[index] = ("unreadable", message)
+                skipped += 1
+            if "index" not in batch:
+                continue
+            if self.device is not None:
+                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            yield batch
+        self.skipped = {"unreadable": skipped} if skipped else {}
+        self.epoch += 1
+
+
+class _Guarded(torch.utils.data.Dataset):
+    """A dataset whose items that fail to load become {"unreadable": [(index, message)]}."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            return {**self.dataset.load(index), "index": torch.tensor(index), "unreadable": []}
+        except (RuntimeError, OSError, ValueError, EOFError) as err:
+            return {"unreadable": [(index, f"{type(err).__name__}: {err}")]}
+
+
+def _collate_guarded(items: list[dict]) -> dict:
+    good = [item for item in items if "index" in item]
+    batch = {k: torch.stack([item[k] for item in good]) for k in (good[0] if good else {}) if k != "unreadable"}
+    batch["unreadable"] = [u for item in items for u in item["unreadable"]]
+    return batch

@@ -47,10 +47,9 @@ from torch import Tensor, nn
 from avfast.data import media
 from avfast.data.manifest import BadRow, report_bad_row
 from avfast.data.presets import Preset, get_preset
-from avfast.data.sampling import epoch_indices
 from avfast.data.synthetic import class_colour, class_frequency, tone
-from avfast.nn.decoders import GuidedDecoder
 from avfast.data.transforms import audio_features, crop_resize_frames, gather_windows, normalize_frames
+from avfast.nn.decoders import GuidedDecoder
 
 IOU_EPS = 1e-7  # AVSBench's eps in inter / (union + eps)
 PR_EPS = 1e-20  # AVSBench's eps in the precision and recall denominators
@@ -191,82 +190,12 @@ class AVSDataset(torch.utils.data.Dataset):
                 "audio": audio_features(windows, self.preset)[0], "index": torch.tensor(index)}
 
 
-class AVSLoader:
-    """Batches of ``AVSDataset`` items through a DataLoader with ``num_workers`` workers, in
-    ``epoch_indices`` order (a seeded permutation per epoch when training, every clip once in
-    order when evaluating; sharded for DDP). AVSBench has no augmentation, so an item depends
-    only on its clip. A clip that cannot be decoded is left out of its batch (a batch left
-    empty is skipped) and kept in ``unreadable`` {index: (reason, message)}; ``skipped``:
-    the last epoch's counts by reason. The interface of ``avfast.data.cpu.CPULoader``.
-    """
+def avs_loader(clips: list[AVSClip], preset: str | Preset, **kwargs):
+    """An ``avfast.data.cpu.IndexedLoader`` of ``AVSDataset(clips, preset)`` (AVSBench has no
+    augmentation, so an item depends on its clip alone); ``kwargs`` go to the loader."""
+    from avfast.data.cpu import IndexedLoader
 
-    def __init__(self, clips: list[AVSClip], preset: str | Preset, *, batch_size: int, train: bool,
-                 num_workers: int = 0, seed: int = 0, shard_id: int = 0, num_shards: int = 1,
-                 device: str | torch.device | None = None):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
-        self.dataset = AVSDataset(clips, preset)
-        self.batch_size, self.train, self.num_workers, self.seed = batch_size, train, num_workers, seed
-        self.shard_id, self.num_shards = shard_id, num_shards
-        self.device = None if device is None else torch.device(device)
-        self.epoch = 0
-        self.skipped: dict[str, int] = {}
-        self.unreadable: dict[int, tuple[str, str]] = {}
-
-    def _indices(self) -> np.ndarray:
-        return epoch_indices(len(self.dataset), train=self.train, seed=self.seed, epoch=self.epoch,
-                             shard_id=self.shard_id, num_shards=self.num_shards)
-
-    def __len__(self) -> int:
-        return -(-len(self._indices()) // self.batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        return self.batches()
-
-    def batches(self, start: int = 0):
-        """This epoch's batches from batch ``start`` on."""
-        loader = torch.utils.data.DataLoader(
-            _Guarded(self.dataset), batch_size=self.batch_size,
-            sampler=self._indices()[start * self.batch_size:].tolist(), num_workers=self.num_workers,
-            collate_fn=_collate, pin_memory=self.device is not None and self.device.type == "cuda")
-        skipped = 0
-        for batch in loader:
-            for index, message in batch.pop("unreadable"):
-                self.unreadable[index] = ("unreadable", message)
-                skipped += 1
-            if "index" not in batch:
-                continue
-            if self.device is not None:
-                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            yield batch
-        self.skipped = {"unreadable": skipped} if skipped else {}
-        self.epoch += 1
-
-
-class _Guarded(torch.utils.data.Dataset):
-    """An AVSDataset whose items that fail to decode become {"unreadable": [(index, message)]}."""
-
-    def __init__(self, dataset: AVSDataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict:
-        try:
-            return {**self.dataset.load(index), "unreadable": []}
-        except (RuntimeError, OSError, ValueError, EOFError) as err:
-            return {"unreadable": [(index, f"{type(err).__name__}: {err}")]}
-
-
-def _collate(items: list[dict]) -> dict:
-    good = [item for item in items if "index" in item]
-    batch = {k: torch.stack([item[k] for item in good]) for k in (good[0] if good else {}) if k != "unreadable"}
-    batch["unreadable"] = [u for item in items for u in item["unreadable"]]
-    return batch
+    return IndexedLoader(AVSDataset(clips, preset), **kwargs)
 
 
 def _write_png(path: str, image: np.ndarray) -> None:

@@ -11,8 +11,8 @@ import os
 import torch
 
 from avfast.tasks import localization
-from avfast.tasks.segmentation import (THRESHOLDS, AVSDataset, AVSLoader, AVSModel, MaskMetrics, build_avs_model,
-                                       read_avsbench)
+from avfast.tasks.segmentation import (THRESHOLDS, AVSDataset, AVSModel, MaskMetrics, avs_loader,
+                                       build_avs_model, read_avsbench)
 from avfast.train.loop import Trainer, model_from_checkpoint, model_preset
 
 
@@ -45,7 +45,7 @@ class AVSTrainer(Trainer):
         if self.cfg.loader == "dali":
             raise ValueError("loader: the AVS task reads its PNG frames with the CPU loader; expected 'auto' or "
                              "'cpu', got 'dali'")
-        return AVSLoader(clips, self.preset, batch_size=self.cfg.batch_size, train=train,
+        return avs_loader(clips, self.preset, batch_size=self.cfg.batch_size, train=train,
                          num_workers=self.cfg.workers, seed=self.cfg.seed, shard_id=self.rank,
                          num_shards=self.world, device=self.device)
 
