@@ -15,9 +15,10 @@
     avfast train --method M --data D train a method (torchrun --nproc_per_node N -m avfast train ... for DDP)
     avfast pretrain --data D         DeepAVFusion's AV-MAE pretraining
     avfast train --task avs ...      audio-visual segmentation on an AVSBench root (S4 / MS3)
-    avfast eval --checkpoint C --data D   accuracy (AVS: mIoU, F-score) of a checkpoint
-    avfast demo [--task avs]         synthetic clips + a tiny model trained in minutes, accuracy vs chance
-                                     (avs: mIoU on synthetic S4 clips)
+    avfast train --task separation . mix-and-separate on solo clips (DeepAVFusion; SDR/SIR/SAR)
+    avfast eval --checkpoint C --data D   accuracy (AVS: mIoU, F-score; separation: SDR, SIR, SAR)
+    avfast demo [--task avs|separation]  synthetic clips + a tiny model trained in minutes, accuracy vs
+                                     chance (avs: mIoU on synthetic S4 clips; separation: SDR gain)
     avfast localize --checkpoint C   a PNG of where the sound is in a clip (AVS head or Grad-CAM)
 """
 
@@ -197,8 +198,9 @@ def _add_train_commands(sub) -> dict[str, argparse.ArgumentParser]:
         p = sub.add_parser(name, help=help_text)
         if name == "train":
             p.add_argument("--method", required=True, choices=METHODS)
-            p.add_argument("--task", choices=("classify", "avs"), default="classify",
-                           help="classify (default) or avs: audio-visual segmentation, --data an AVSBench root")
+            p.add_argument("--task", choices=("classify", "avs", "separation"), default="classify",
+                           help="classify (default); avs: audio-visual segmentation, --data an AVSBench root; "
+                                "separation: mix-and-separate (deepavfusion), --data solo clips or a MUSIC json")
             p.add_argument("--avs-subset", choices=("s4", "ms3"), default="s4", help="--task avs: S4 or MS3 (s4)")
             p.add_argument("--val-split", choices=("val", "test"), default="val",
                            help="--task avs: the split validation scores (val)")
@@ -231,7 +233,8 @@ def _add_train_commands(sub) -> dict[str, argparse.ArgumentParser]:
                        metavar="KEY=VALUE", help="model config field, e.g. --set img_size=64")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         parsers[name] = p
-    p_eval = sub.add_parser("eval", help="accuracy (AVS: mIoU and F-score) of a checkpoint written by avfast train")
+    p_eval = sub.add_parser("eval", help="accuracy (AVS: mIoU and F-score; separation: SDR, SIR, SAR) of a "
+                            "checkpoint written by avfast train")
     p_eval.add_argument("--checkpoint", required=True)
     p_eval.add_argument("--data", required=True)
     p_eval.add_argument("--split", choices=("train", "val", "test"), default="test",
@@ -240,13 +243,14 @@ def _add_train_commands(sub) -> dict[str, argparse.ArgumentParser]:
     p_eval.add_argument("--workers", type=int, default=4)
     p_eval.add_argument("--device")
     p_demo = sub.add_parser("demo", help="train a tiny model on generated clips and report accuracy")
-    p_demo.add_argument("--task", choices=("classify", "avs"), default="classify",
-                        help="classify (default) or avs: segmentation of synthetic AVSBench S4 clips")
+    p_demo.add_argument("--task", choices=("classify", "avs", "separation"), default="classify",
+                        help="classify (default); avs: segmentation of synthetic AVSBench S4 clips; separation: "
+                             "mix-and-separate of synthetic solos")
     p_demo.add_argument("--method", choices=METHODS, default="deepavfusion")
     p_demo.add_argument("--out", help="folder for the clips and the run (default ~/.cache/avfast/demo)")
-    p_demo.add_argument("--epochs", type=int, default=6)
+    p_demo.add_argument("--epochs", type=int, help="(classify, avs: 6; separation: 4)")
     p_demo.add_argument("--clips-per-class", type=int, default=16, help="classify: clips per class (16)")
-    p_demo.add_argument("--clips", type=int, default=48, help="avs: training clips (48)")
+    p_demo.add_argument("--clips", type=int, help="avs: training clips (48); separation: clips per instrument (8)")
     p_demo.add_argument("--workers", type=int)
     p_demo.add_argument("--seed", type=int, default=0)
     p_loc = sub.add_parser("localize", help="PNG map of where the sound is in a clip, for a trained checkpoint")
@@ -313,14 +317,19 @@ def localize(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from avfast.train.demo import run_avs_demo, run_demo
+    from avfast.train.demo import run_avs_demo, run_demo, run_separation_demo
 
     try:
         if args.task == "avs":
-            run_avs_demo(args.method, out=args.out, epochs=args.epochs, clips=args.clips, workers=args.workers,
-                         seed=args.seed)
+            run_avs_demo(args.method, out=args.out, epochs=args.epochs or 6, clips=args.clips or 48,
+                         workers=args.workers, seed=args.seed)
+        elif args.task == "separation":
+            if args.method != "deepavfusion":
+                raise ValueError(f"method: expected 'deepavfusion' for --task separation, got {args.method!r}")
+            run_separation_demo(out=args.out, epochs=args.epochs or 4, clips=args.clips or 8, workers=args.workers,
+                                seed=args.seed)
         else:
-            run_demo(args.method, out=args.out, epochs=args.epochs, clips_per_class=args.clips_per_class,
+            run_demo(args.method, out=args.out, epochs=args.epochs or 6, clips_per_class=args.clips_per_class,
                      workers=args.workers, seed=args.seed)
     except ValueError as err:
         raise UsageError(str(err)) from err

@@ -478,6 +478,12 @@ class LogMelFrontend:
     def validate(self, wave: torch.Tensor) -> None:
         _check_wave(wave, self.min_samples)
 
+    def filterbank(self) -> torch.Tensor:
+        """The HTK-mel filterbank the features use: float32 (n_mels, n_fft // 2 + 1)."""
+        f_max = float(self.sample_rate // 2) if self.f_max is None else float(self.f_max)
+        return _htk_mel_fbanks(self.n_fft // 2 + 1, float(self.f_min), f_max, self.n_mels, self.sample_rate,
+                               "cpu", torch.float32)
+
     def __call__(self, wave: torch.Tensor) -> torch.Tensor:
         self.validate(wave)
         feats = log_mel(

@@ -381,6 +381,30 @@ class DeepAVFusion(AVModel):
         maps = [layers[i][0].transpose(1, 2).unflatten(2, (g, g)) for i in spread_layers(len(layers), levels)]
         return maps, x_audio.mean(1)
 
+    @property
+    def audio_dense_unused(self) -> tuple[str, ...]:
+        """The modules ``audio_dense_features`` does not use (as ``dense_unused``, with the
+        audio norm in place of the image norm)."""
+        last = f"encoder.fusion_blocks.{len(self.encoder.fusion_blocks) - 1}"
+        return (*(h.rstrip(".") for h in _HEADS), "encoder.audio.norm", last, "encoder.fusion_norm")
+
+    def audio_dense_shapes(self, levels: int = 4) -> tuple[list[tuple[int, tuple[int, int]]], int]:
+        """What ``audio_dense_features`` returns: (channels, grid) of each level, the image width."""
+        cfg = self.config
+        grid = (cfg.audio_size[0] // cfg.audio_patch_size, cfg.audio_size[1] // cfg.audio_patch_size)
+        return [(cfg.embed_dim, grid)] * levels, cfg.embed_dim
+
+    def audio_dense_features(self, frames: Tensor, audio: Tensor, levels: int = 4) -> tuple[list[Tensor], Tensor]:
+        """frames (N, 1, 3, S, S), audio (N, 1, mels, frames) -> (maps, image): the audio tokens
+        (before norm) of ``levels`` layers spread evenly, deepest first (upstream
+        AVSrcSepUNet's order), each (N, D, mels/p, frames/p), and the mean of the final
+        normalised image tokens (N, D), the separation head's inputs."""
+        image, audio = _check_inputs("DeepAVFusion", self.config, frames, audio)
+        x_image, _, _, layers = self.encoder(image, audio, return_layers=True)
+        [(_, grid)], _ = self.audio_dense_shapes(1)
+        picks = spread_layers(len(layers), levels)[::-1]
+        return [layers[i][1].transpose(1, 2).unflatten(2, grid) for i in picks], x_image.mean(1)
+
     def loss(self, out: dict[str, Tensor], batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         """Cross-entropy on the averaged logits: batch["label"] (B,) int64 with label smoothing,
         or (B, C) float soft targets (mixup output, smoothing already applied, as upstream)."""

@@ -18,6 +18,8 @@ def _conv_block(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
                          nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
+DECODER_SIZES = {"tiny": dict(width=64, min_width=16, predictor_width=16)}  # GuidedDecoder kwargs per model size
+
 
 class GuidedDecoder(nn.Module):
     """Top-down decoder of one modality's feature maps, guided at every level by a vector of

@@ -49,7 +49,7 @@ from avfast.data.manifest import BadRow, report_bad_row
 from avfast.data.presets import Preset, get_preset
 from avfast.data.synthetic import class_colour, class_frequency, tone
 from avfast.data.transforms import audio_features, crop_resize_frames, gather_windows, normalize_frames
-from avfast.nn.decoders import GuidedDecoder
+from avfast.nn.decoders import DECODER_SIZES, GuidedDecoder
 
 IOU_EPS = 1e-7  # AVSBench's eps in inter / (union + eps)
 PR_EPS = 1e-20  # AVSBench's eps in the precision and recall denominators
@@ -460,9 +460,6 @@ class AVSModel(nn.Module):
         loss = mask_loss(logits.flatten(0, 1), batch["masks"].flatten(0, 1), batch["annotated"].flatten(),
                          self.iou_weight)
         return loss, {"loss": loss.item()}
-
-
-DECODER_SIZES = {"tiny": dict(width=64, min_width=16, predictor_width=16)}  # other sizes: GuidedDecoder's defaults
 
 
 def build_avs_model(method: str, size: str = "base", pretrained: str | None = None,

@@ -1,7 +1,9 @@
 """``avfast demo``: synthetic clips whose class shows in picture and sound, a tiny model
 trained on them for a few minutes (CPU, or the GPU when present), accuracy against chance;
 ``avfast demo --task avs``: a synthetic AVSBench S4 tree and a tiny segmentation model, mIoU
-and F-score against predicting the background everywhere."""
+and F-score against predicting the background everywhere; ``avfast demo --task
+separation``: synthetic MUSIC-style solos, a tiny DeepAVFusion separation model, the SDR of
+its estimates against the mixture's."""
 
 from __future__ import annotations
 
@@ -89,5 +91,34 @@ def run_avs_demo(method: str = "deepavfusion", *, out: str | None = None, epochs
     result = make_trainer(cfg).fit()
     print(f"\n{method} (tiny) AVS after {epochs} epochs, {time.perf_counter() - start:.0f} s: validation mIoU "
           f"{result['val_miou']:.3f}, F-score {result['val_fscore']:.3f} (all background: mIoU 0); "
+          f"logs and checkpoints in {cfg.out}")
+    return result
+
+
+def run_separation_demo(*, out: str | None = None, epochs: int = 4, clips: int = 8, batch_size: int = 8,
+                        workers: int | None = None, seed: int = 0, progress: bool = True) -> dict[str, float]:
+    """Make 4 instruments x ``clips`` synthetic solos (a MUSIC-style json), train a tiny
+    DeepAVFusion to separate two-clip mixtures, print and return its validation SDR, SIR,
+    SAR and SDR improvement over the mixture."""
+    from avfast.tasks.separation import make_music
+
+    root = Path(out or os.path.join(os.path.expanduser("~"), ".cache", "avfast", "demo"))
+    start = time.perf_counter()
+    folder = root / f"music-4x{clips}-seed{seed}"
+    done = folder / ".complete"
+    if not done.exists():
+        make_music(folder, instruments=4, clips_per_instrument=clips, size=32, seed=seed)
+        done.touch()
+    print(f"data: 4 instruments x {clips} synthetic solo clips (a colour and its tone each) in {folder} "
+          f"({time.perf_counter() - start:.0f} s)")
+    cfg = TrainConfig(method="deepavfusion", data=str(folder / "MUSIC_solo_videos.json"),
+                      out=str(root / "run-separation"), task="separation", size="tiny", epochs=epochs,
+                      batch_size=batch_size, lr=2e-3, weight_decay=0.01, val_fraction=0.25,
+                      workers=min(2, os.cpu_count() or 1) if workers is None else workers, seed=seed,
+                      loader="cpu", progress=progress, log_every=5)
+    result = make_trainer(cfg).fit()
+    print(f"\ndeepavfusion (tiny) separation after {epochs} epochs, {time.perf_counter() - start:.0f} s: validation "
+          f"SDR {result['val_sdr']:.1f} dB (the mixture's {result['val_sdr_mixture']:.1f} dB: improvement "
+          f"{result['val_sdri']:.1f} dB), SIR {result['val_sir']:.1f} dB, SAR {result['val_sar']:.1f} dB; "
           f"logs and checkpoints in {cfg.out}")
     return result

@@ -500,7 +500,8 @@ class Trainer:
         return self.cfg.max_steps is not None and self.step >= self.cfg.max_steps
 
 
-TASKS = {"classify": "avfast.train.loop:Trainer", "avs": "avfast.train.tasks:AVSTrainer"}
+TASKS = {"classify": "avfast.train.loop:Trainer", "avs": "avfast.train.tasks:AVSTrainer",
+         "separation": "avfast.train.tasks:SeparationTrainer"}
 
 
 def trainer_class(task: str) -> type[Trainer]:

@@ -1,7 +1,7 @@
-"""The Trainers of the downstream tasks: ``avfast train --task avs`` (the classification
-Trainer with the task's data, model and validation metrics; logs, checkpoints, resume,
-progress and DDP as for classification), and ``localize``: sounding-region PNGs of a
-trained checkpoint (``avfast localize``).
+"""The Trainers of the downstream tasks: ``avfast train --task avs|separation`` (the
+classification Trainer with the task's data, model and validation metrics; logs,
+checkpoints, resume, progress and DDP as for classification), and ``localize``:
+sounding-region PNGs of a trained checkpoint (``avfast localize``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,13 @@ import torch
 from avfast.tasks import localization
 from avfast.tasks.segmentation import (THRESHOLDS, AVSDataset, AVSModel, MaskMetrics, avs_loader,
                                        build_avs_model, read_avsbench)
-from avfast.train.loop import Trainer, model_from_checkpoint, model_preset
+from avfast.tasks.separation import SeparationMetrics, build_separation_model, read_music, separate, separation_loader
+from avfast.train.loop import Trainer, load_manifest, model_from_checkpoint, model_preset, split_manifest
+
+
+def _decoder_overrides(overrides: dict) -> dict:
+    """Pop the ``decoder_<field>`` keys of ``overrides``: {field: value}."""
+    return {k.removeprefix("decoder_"): overrides.pop(k) for k in list(overrides) if k.startswith("decoder_")}
 
 
 class AVSTrainer(Trainer):
@@ -36,7 +42,7 @@ class AVSTrainer(Trainer):
     @staticmethod
     def model_for(cfg, num_classes: int):
         overrides = dict(cfg.model_overrides)
-        decoder = {k.removeprefix("decoder_"): overrides.pop(k) for k in list(overrides) if k.startswith("decoder_")}
+        decoder = _decoder_overrides(overrides)
         iou_weight = overrides.pop("iou_weight", 0.0)
         return build_avs_model(cfg.method, cfg.size, pretrained=cfg.pretrained, decoder=decoder,
                                iou_weight=iou_weight, **overrides)
@@ -59,6 +65,60 @@ class AVSTrainer(Trainer):
     def metrics(self, sums: torch.Tensor) -> dict[str, float]:
         result = MaskMetrics.from_tensor(sums).compute()
         return {"val_miou": result["miou"], "val_fscore": result["fscore"]}
+
+
+class SeparationTrainer(Trainer):
+    """Mix-and-separate on DeepAVFusion: ``cfg.data`` (and ``cfg.val_data``) a MUSIC-style
+    json (``read_music``) or any solo-clip data classification reads (a class per
+    instrument); validation mixes fixed pairs of the validation clips and reports
+    ``val_sdr``, ``val_sir``, ``val_sar``, ``val_sdr_mixture`` and ``val_sdri`` (best.pt
+    keeps the best SDR). ``cfg.model_overrides``: ``decoder_<field>`` to the decoder,
+    ``binary`` (True: upstream's binary masks; False: ratio masks), the rest to DeepAVFusion."""
+
+    score_name = "val_sdr"
+    metric_width = 5
+
+    def _solos(self, path: str):
+        return read_music(path, bad=self.bad_rows) if path.endswith(".json") else load_manifest(path, self.bad_rows)
+
+    def load_data(self):
+        cfg = self.cfg
+        manifest = self._solos(cfg.data)
+        if cfg.val_data:
+            train, val = manifest, self._solos(cfg.val_data)
+            if val.classes != manifest.classes:
+                raise ValueError(f"val_data: expected the training instruments {manifest.classes}, got {val.classes}")
+        else:
+            train, val = split_manifest(manifest, cfg.val_fraction, cfg.seed) if len(manifest) else (manifest, manifest)
+        self.num_classes = len(manifest.classes)
+        return train, val, manifest.classes
+
+    @staticmethod
+    def model_for(cfg, num_classes: int):
+        overrides = dict(cfg.model_overrides)
+        decoder = _decoder_overrides(overrides)
+        binary = overrides.pop("binary", True)
+        return build_separation_model(cfg.method, cfg.size, pretrained=cfg.pretrained, decoder=decoder,
+                                      binary=binary, **overrides)
+
+    def make_loader(self, clips, *, train: bool):
+        if self.cfg.loader == "dali":
+            raise ValueError("loader: the separation task mixes clips with the CPU loader; expected 'auto' or "
+                             "'cpu', got 'dali'")
+        return separation_loader(clips, self.preset, train=train, seed=self.cfg.seed,
+                                 batch_size=self.cfg.batch_size, num_workers=self.cfg.workers,
+                                 shard_id=self.rank, num_shards=self.world, device=self.device)
+
+    def metric_sums(self, batch: dict, out: dict) -> torch.Tensor:
+        masks, frontend, metrics = self.model.masks(out), self.preset.audio.frontend, SeparationMetrics()
+        for mask, sources, mixture in zip(masks.cpu(), batch["sources"].cpu(), batch["mixture"].cpu()):
+            estimates = separate(mask, mixture[None].expand(len(mask), -1), frontend)
+            metrics.update(estimates, sources, mixture)
+        return metrics.to_tensor()
+
+    def metrics(self, sums: torch.Tensor) -> dict[str, float]:
+        result = SeparationMetrics.from_tensor(sums).compute()
+        return {f"val_{k}": v for k, v in result.items() if k != "sources"}
 
 
 def localize(checkpoint: str, out: str, *, data: str | None = None, subset: str | None = None,
