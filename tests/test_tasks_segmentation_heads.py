@@ -189,8 +189,37 @@ def test_avs_trainer_fits_saves_best_and_avfast_eval_scores_the_checkpoint(tmp_p
     assert main(["eval", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--data", str(root),
                  "--workers", "0", "--split", "test"]) == 0
     assert "val_miou=" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="loader: the AVS task reads its PNG frames with the CPU loader"):
-        make_trainer(TrainConfig(**{**cfg.__dict__, "loader": "dali", "out": str(tmp_path / "r2")}))
+    with pytest.raises(ValueError, match="loader: expected 'auto', 'cpu' or 'dali', got 'gpu'"):
+        make_trainer(TrainConfig(**{**cfg.__dict__, "loader": "gpu", "out": str(tmp_path / "r2")}))
+
+
+@pytest.mark.parametrize("source_size", [32, 64])
+def test_avs_dali_loader_gives_the_cpu_loaders_batches_and_reads_a_bad_batch_on_the_cpu(tmp_path, source_size):
+    pytest.importorskip("nvidia.dali")
+    import dataclasses
+
+    from avfast.data.presets import get_preset
+    from avfast.tasks.segmentation import AVSDALILoader
+
+    make_avsbench(tmp_path, "ms3", clips={"train": 5, "val": 0, "test": 0}, size=source_size)
+    preset = get_preset("stgcma")
+    preset = dataclasses.replace(preset, video=dataclasses.replace(preset.video, size=32))
+    clips = read_avsbench(tmp_path, "ms3", "train")
+    with open(clips[3].masks[2], "wb") as f:
+        f.write(b"not a png")
+    cpu = avs_loader(clips, preset, batch_size=2, train=True, seed=6)
+    dali = AVSDALILoader(clips, preset, batch_size=2, train=True, seed=6, device_id=None)
+    assert len(dali) == len(cpu) == 3
+    std = torch.tensor(preset.video.std).view(1, 1, 3, 1, 1)
+    for a, b in zip(cpu.batches(), dali.batches(), strict=True):
+        assert a["index"].tolist() == b["index"].tolist()
+        # frames: exact without a resize, within one 8-bit step with one (both resize as DALI does)
+        step = 0 if source_size == 32 else 1
+        assert float(((a["frames"] - b["frames"]) * std * 255).abs().max()) <= step + 1e-3
+        for key in ("masks", "annotated", "audio"):
+            torch.testing.assert_close(b[key].float(), a[key].float(), rtol=0, atol=0)
+    assert set(dali.unreadable) == set(cpu.unreadable) == {3} and dali.skipped == {"unreadable": 1}
+    assert dali.epoch == 1
 
 
 def test_avfast_train_rejects_a_method_without_an_avs_head(tmp_path, capsys):

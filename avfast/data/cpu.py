@@ -211,12 +211,13 @@ class IndexedLoader:
         self.skipped: dict[str, int] = {}
         self.unreadable: dict[int, tuple[str, str]] = {}
 
-    def _indices(self) -> np.ndarray:
+    def indices(self) -> np.ndarray:
+        """This shard's item indices for the current epoch."""
         return epoch_indices(len(self.dataset), train=self.train, seed=self.seed, epoch=self.epoch,
                              shard_id=self.shard_id, num_shards=self.num_shards)
 
     def __len__(self) -> int:
-        return -(-len(self._indices()) // self.batch_size)
+        return -(-len(self.indices()) // self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -230,7 +231,7 @@ class IndexedLoader:
             self.dataset.set_epoch(self.epoch)
         loader = torch.utils.data.DataLoader(
             _Guarded(self.dataset), batch_size=self.batch_size,
-            sampler=self._indices()[start * self.batch_size:].tolist(), num_workers=self.num_workers,
+            sampler=self.indices()[start * self.batch_size:].tolist(), num_workers=self.num_workers,
             collate_fn=_collate_guarded, pin_memory=self.device is not None and self.device.type == "cuda")
         skipped = 0
         for batch in loader:

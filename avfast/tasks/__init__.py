@@ -1,5 +1,9 @@
 """avfast.tasks: downstream heads, losses, metrics and formats, one file per task.
 
     segmentation   audio-visual segmentation (AVSBench S4 / MS3): the layout, a synthetic
-                   tree of it, a CPU dataset, the mask loss, mIoU and F-score
+                   tree of it, a CPU dataset, the AVS head on each method, the mask loss,
+                   mIoU and F-score
+    separation     mix-and-separate on DeepAVFusion: MUSIC-style solos, a synthetic set,
+                   mixtures, the head, mask targets, the inverse STFT, SDR / SIR / SAR
+    localization   sounding-region maps (the AVS head's output, Grad-CAM) as PNG overlays
 """

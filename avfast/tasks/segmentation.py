@@ -182,12 +182,20 @@ class AVSDataset(torch.utils.data.Dataset):
                 masks[i] = torch.nn.functional.interpolate(m, size=(size, size), mode="nearest-exact")[0, 0]
         spec = self.preset.audio
         wave = media.decode_audio(clip.audio, sample_rate=spec.sample_rate)
-        n, window = wave.numel(), spec.window_samples
-        centres = [round((i + 0.5) * spec.sample_rate) for i in range(FRAMES)]
-        starts = torch.tensor([[min(max(c - window // 2, 0), max(n - window, 0)) for c in centres]])
-        windows = gather_windows(wave[None], torch.tensor([n]), starts, window, spec.pad)
+        n = torch.tensor([wave.numel()])
+        windows = gather_windows(wave[None], n, frame_window_starts(n, spec), spec.window_samples, spec.pad)
         return {"frames": frames, "masks": masks, "annotated": torch.tensor([m is not None for m in clip.masks]),
                 "audio": audio_features(windows, self.preset)[0], "index": torch.tensor(index)}
+
+
+def frame_window_starts(lengths: Tensor, spec) -> Tensor:
+    """(B,) clip lengths in samples -> (B, 5) start of each frame's audio window (``spec``:
+    the preset's AudioSpec): centred on the frame's second, (i + 0.5) s, and moved inside
+    the clip when the window is longer than the room around it."""
+    window = spec.window_samples
+    centres = torch.round((torch.arange(FRAMES, dtype=torch.float64) + 0.5) * spec.sample_rate).long()
+    starts = (centres - window // 2).clamp_min(0).to(lengths.device)[None]
+    return torch.minimum(starts, (lengths.long()[:, None] - window).clamp_min(0))
 
 
 def avs_loader(clips: list[AVSClip], preset: str | Preset, **kwargs):
@@ -196,6 +204,152 @@ def avs_loader(clips: list[AVSClip], preset: str | Preset, **kwargs):
     from avfast.data.cpu import IndexedLoader
 
     return IndexedLoader(AVSDataset(clips, preset), **kwargs)
+
+
+class _AVSSource:
+    """DALI external source over ``order``: per batch the clips' 5 frame PNGs, 5 mask PNGs (a
+    1x1 black PNG where a frame is not annotated), wav bytes and (index, annotated flags);
+    ``made`` records the clip indices of each batch handed to DALI."""
+
+    def __init__(self, clips: list[AVSClip], order: list[int], batch_size: int, blank: np.ndarray):
+        self.clips, self.order, self.batch_size, self.blank = clips, order, batch_size, blank
+        self.position = 0
+        self.made: list[list[int]] = []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.position >= len(self.order):
+            raise StopIteration
+        held = self.order[self.position:self.position + self.batch_size]
+        self.position += len(held)
+        self.made.append(held)
+        read = lambda path: np.fromfile(path, dtype=np.uint8)  # noqa: E731
+        columns = [[] for _ in range(2 * FRAMES + 2)]
+        for i in held:
+            clip = self.clips[i]
+            for t in range(FRAMES):
+                columns[t].append(read(clip.frames[t]))
+                columns[FRAMES + t].append(self.blank if clip.masks[t] is None else read(clip.masks[t]))
+            columns[2 * FRAMES].append(read(clip.audio))
+            columns[2 * FRAMES + 1].append(np.array([i, *(m is not None for m in clip.masks)], dtype=np.int64))
+        return columns
+
+
+class AVSDALILoader:
+    """``avs_loader``'s batches decoded by NVIDIA DALI: the PNG frames and masks by
+    ``fn.decoders.image`` (``mixed`` on the GPU, ``cpu`` when ``device_id`` is None), resized
+    by ``fn.resize`` (frames linearly with antialiasing, as the CPU path's
+    ``crop_resize_frames``; masks nearest), the wav by ``fn.decoders.audio``; the windows and
+    features in torch on the device. A batch DALI cannot decode is read by the CPU path
+    instead (its unreadable clips left out and kept in ``unreadable``). The interface of
+    ``avfast.data.cpu.IndexedLoader``.
+    """
+
+    def __init__(self, clips: list[AVSClip], preset: str | Preset, *, batch_size: int, train: bool,
+                 device_id: int | None = 0, num_threads: int = 4, seed: int = 0, shard_id: int = 0,
+                 num_shards: int = 1, prefetch: int = 2):
+        from avfast.data.cpu import IndexedLoader
+        from avfast.data.dali import _dali
+
+        self._dali = _dali()
+        self.clips, self.preset = list(clips), get_preset(preset)
+        self._cpu = IndexedLoader(AVSDataset(self.clips, self.preset), batch_size=batch_size, train=train,
+                                  seed=seed, shard_id=shard_id, num_shards=num_shards)
+        self.batch_size, self.train, self.seed = batch_size, train, seed
+        self.device_id, self.num_threads, self.prefetch = device_id, num_threads, prefetch
+        self.device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
+        self.unreadable = self._cpu.unreadable
+        self.skipped: dict[str, int] = {}
+        from torchvision.io import encode_png
+
+        self._blank = encode_png(torch.zeros(1, 1, 1, dtype=torch.uint8)).numpy()
+
+    @property
+    def epoch(self) -> int:
+        return self._cpu.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self._cpu.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self._cpu)
+
+    def __iter__(self):
+        return self.batches()
+
+    def _build(self, source: _AVSSource):
+        dali, size, gpu = self._dali, self.preset.video.size, self.device_id is not None
+        fn, types = dali.fn, dali.types
+
+        @dali.pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
+                           prefetch_queue_depth=self.prefetch, exec_dynamic=True)
+        def pipeline():
+            *encoded, wav, meta = fn.external_source(source=source, num_outputs=2 * FRAMES + 2, batch=True,
+                                                     cycle="raise", dtype=[types.UINT8] * (2 * FRAMES + 1) + [types.INT64])
+            device = "mixed" if gpu else "cpu"
+            frames = [fn.resize(fn.decoders.image(e, device=device, output_type=types.RGB), size=[size, size],
+                                interp_type=types.INTERP_LINEAR, antialias=True) for e in encoded[:FRAMES]]
+            masks = [fn.resize(fn.decoders.image(e, device=device, output_type=types.GRAY), size=[size, size],
+                               interp_type=types.INTERP_NN) for e in encoded[FRAMES:]]
+            wave, _ = fn.decoders.audio(wav, sample_rate=self.preset.audio.sample_rate, downmix=True,
+                                        dtype=types.FLOAT)
+            length = wave.shape(dtype=types.INT64)
+            wave = fn.pad(wave.gpu() if gpu else wave, axes=[0])
+            return (fn.stack(*frames), fn.stack(*masks), wave, length, meta)
+
+        pipe = pipeline()
+        pipe.build()
+        return pipe
+
+    def _batch(self, outputs) -> dict:
+        frames, masks, wave, length, meta = (torch.from_dlpack(t.as_tensor()).to(self.device) for t in outputs)
+        spec = self.preset.audio
+        lengths = length[:, 0]
+        windows = gather_windows(wave, lengths, frame_window_starts(lengths, spec), spec.window_samples, spec.pad)
+        annotated = meta[:, 1:].bool()
+        masks = (masks[..., 0] > 0).float() * annotated[:, :, None, None]
+        return {"frames": normalize_frames(frames, self.preset.video.mean, self.preset.video.std),
+                "masks": masks, "annotated": annotated, "audio": audio_features(windows, self.preset),
+                "index": meta[:, 0]}
+
+    def batches(self, start: int = 0):
+        """This epoch's batches from batch ``start`` on."""
+        order = self._cpu.indices()[start * self.batch_size:].tolist()
+        skipped = 0
+        while order:
+            source = _AVSSource(self.clips, order, self.batch_size, self._blank)
+            pipe = self._build(source)
+            while True:
+                try:
+                    outputs = pipe.run()
+                except StopIteration:
+                    order = []
+                    break
+                except RuntimeError:  # a clip DALI cannot decode: this batch on the CPU, then go on
+                    held = source.made[0]
+                    before = len(self.unreadable)
+                    rows = self._cpu_batch(held)
+                    skipped += len(self.unreadable) - before
+                    order = order[sum(len(m) for m in source.made[:1]):]
+                    if rows is not None:
+                        yield rows
+                    break
+                source.made.pop(0)
+                order = order[self.batch_size:]
+                yield self._batch(outputs)
+        self.skipped = {"unreadable": skipped} if skipped else {}
+        self._cpu.epoch += 1
+
+    def _cpu_batch(self, indices: list[int]) -> dict | None:
+        """The CPU path's batch of ``indices`` (unreadable clips left out), on the device."""
+        from avfast.data.cpu import _collate_guarded, _Guarded
+
+        batch = _collate_guarded([_Guarded(self._cpu.dataset)[i] for i in indices])
+        for index, message in batch.pop("unreadable"):
+            self.unreadable[index] = ("unreadable", message)
+        return {k: v.to(self.device) for k, v in batch.items()} if "index" in batch else None
 
 
 def _write_png(path: str, image: np.ndarray) -> None:

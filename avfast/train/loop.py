@@ -137,6 +137,10 @@ class TrainStep(torch.nn.Module):
         return loss, metrics, out
 
 
+def dali_installed() -> bool:
+    return importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+
+
 def make_loader(cfg: TrainConfig, manifest: Manifest, preset: Preset, *, train: bool, device: torch.device,
                 rank: int, world: int):
     """The DALI loader on CUDA with DALI installed and prepared audio, else the CPU loader."""
@@ -146,8 +150,7 @@ def make_loader(cfg: TrainConfig, manifest: Manifest, preset: Preset, *, train: 
     kind = cfg.loader
     if kind == "auto":
         prepared = all(c.audio_path for c in manifest.clips)
-        has_dali = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
-        kind = "dali" if device.type == "cuda" and has_dali and prepared else "cpu"
+        kind = "dali" if device.type == "cuda" and dali_installed() and prepared else "cpu"
     if kind == "dali":
         from avfast.data.dali import DALILoader
 

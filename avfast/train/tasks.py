@@ -11,10 +11,11 @@ import os
 import torch
 
 from avfast.tasks import localization
-from avfast.tasks.segmentation import (THRESHOLDS, AVSDataset, AVSModel, MaskMetrics, avs_loader,
+from avfast.tasks.segmentation import (THRESHOLDS, AVSDALILoader, AVSDataset, AVSModel, MaskMetrics, avs_loader,
                                        build_avs_model, read_avsbench)
 from avfast.tasks.separation import SeparationMetrics, build_separation_model, read_music, separate, separation_loader
-from avfast.train.loop import Trainer, load_manifest, model_from_checkpoint, model_preset, split_manifest
+from avfast.train.loop import (Trainer, dali_installed, load_manifest, model_from_checkpoint, model_preset,
+                               split_manifest)
 
 
 def _decoder_overrides(overrides: dict) -> dict:
@@ -48,12 +49,19 @@ class AVSTrainer(Trainer):
                                iou_weight=iou_weight, **overrides)
 
     def make_loader(self, clips, *, train: bool):
-        if self.cfg.loader == "dali":
-            raise ValueError("loader: the AVS task reads its PNG frames with the CPU loader; expected 'auto' or "
-                             "'cpu', got 'dali'")
-        return avs_loader(clips, self.preset, batch_size=self.cfg.batch_size, train=train,
-                         num_workers=self.cfg.workers, seed=self.cfg.seed, shard_id=self.rank,
-                         num_shards=self.world, device=self.device)
+        """DALI (``AVSDALILoader``) on a CUDA device with DALI installed, or when forced (on
+        the CPU: DALI's CPU decoders); the CPU loader otherwise."""
+        kind = self.cfg.loader
+        if kind == "auto":
+            kind = "dali" if self.device.type == "cuda" and dali_installed() else "cpu"
+        common = dict(batch_size=self.cfg.batch_size, train=train, seed=self.cfg.seed, shard_id=self.rank,
+                      num_shards=self.world)
+        if kind == "dali":
+            device_id = (self.device.index or 0) if self.device.type == "cuda" else None  # None: DALI on the CPU
+            return AVSDALILoader(clips, self.preset, device_id=device_id, **common)
+        if kind != "cpu":
+            raise ValueError(f"loader: expected 'auto', 'cpu' or 'dali', got {self.cfg.loader!r}")
+        return avs_loader(clips, self.preset, num_workers=self.cfg.workers, device=self.device, **common)
 
     def metric_sums(self, batch: dict, out: dict) -> torch.Tensor:
         annotated = batch["annotated"].flatten()
