@@ -237,8 +237,15 @@ def bss_eval(estimates: Tensor, references: Tensor) -> tuple[Tensor, Tensor, Ten
     if estimates.shape != references.shape or estimates.dim() != 2:
         raise ValueError(f"estimates: expected the (S, L) shape of references {tuple(references.shape)}, "
                          f"got {tuple(estimates.shape)}")
-    sdr, sir, sar = fast_bss_eval.bss_eval_sources(references.double().cpu(), estimates.double().cpu(),
-                                                   filter_length=BSS_FILTER, compute_permutation=False)
+    # one intra-op thread: its batched LU solves otherwise nest MKL's OpenMP inside torch's
+    # parallel_for, which spun for minutes in a long-lived process (the test suite)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sdr, sir, sar = fast_bss_eval.bss_eval_sources(references.double().cpu(), estimates.double().cpu(),
+                                                       filter_length=BSS_FILTER, compute_permutation=False)
+    finally:
+        torch.set_num_threads(threads)
     return sdr, sir, sar
 
 
