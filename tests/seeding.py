@@ -27,3 +27,13 @@ def module_seed() -> int:
     the value that replays it."""
     fixed = os.environ.get(SEED_ENV)
     return (int(fixed) if fixed else int.from_bytes(os.urandom(4), "little")) % 2**31
+
+
+def random_audio(method: str, cfg, batch: int, frames: int) -> torch.Tensor:
+    """Random audio input of a method's model: DeepAVFusion (batch, 1, mels, frames),
+    STG-CMA (batch, T, Ft, M) fbank, DG-SCT (batch, T, samples) waveforms."""
+    if method == "deepavfusion":
+        return torch.randn(batch, 1, *cfg.audio_size)
+    if method == "stgcma":
+        return torch.randn(batch, frames, cfg.audio_frames, cfg.num_mel_bins)
+    return torch.randn(batch, frames, cfg.sample_rate) * 0.1

@@ -7,7 +7,7 @@ import torch
 from avfast.models import build_model
 from avfast.tasks.localization import (display_frames, gradcam_maps, hot_colours, hot_values, map_from_png,
                                        write_overlay_png)
-from seeding import fresh_seed
+from seeding import fresh_seed, random_audio
 
 
 def test_hot_colour_map_inverts_to_8_bit_rounding():
@@ -54,12 +54,7 @@ def test_gradcam_gives_a_map_per_frame_in_0_1_peaking_at_1(method):
     cfg = model.config
     T = getattr(cfg, "num_frames", 1)
     frames = torch.randn(1, T, 3, cfg.img_size, cfg.img_size)
-    if method == "deepavfusion":
-        audio = torch.randn(1, 1, *cfg.audio_size)
-    elif method == "stgcma":
-        audio = torch.randn(1, T, cfg.audio_frames, cfg.num_mel_bins)
-    else:
-        audio = torch.randn(1, T, cfg.sample_rate) * 0.1
+    audio = random_audio(method, cfg, 1, T)
     maps = gradcam_maps(model, method, frames, audio)
     assert maps.shape == (T, cfg.img_size, cfg.img_size)
     assert bool((maps >= 0).all()) and bool((maps <= 1 + 1e-6).all())

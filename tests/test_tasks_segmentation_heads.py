@@ -12,7 +12,7 @@ from avfast.models.base import spread_layers
 from avfast.nn import GuidedDecoder
 from avfast.tasks.segmentation import (FRAMES, AVSModel, MaskMetrics, avs_loader, build_avs_model, make_avsbench,
                                        read_avsbench)
-from seeding import fresh_seed
+from seeding import fresh_seed, random_audio
 
 TINY = {"deepavfusion": dict(img_size=32, patch_size=8), "stgcma": dict(img_size=32, patch_size=8),
         "dgsct": dict(img_size=32)}
@@ -42,12 +42,7 @@ def test_dense_features_have_the_shapes_dense_shapes_says_and_leave_forward_unch
     model = build_model(method, "tiny", num_classes=3, **overrides).eval()
     frames = torch.randn(2, 1 if method == "deepavfusion" else FRAMES, 3, 32, 32)
     cfg = model.config
-    if method == "deepavfusion":
-        audio = torch.randn(2, 1, *cfg.audio_size)
-    elif method == "stgcma":
-        audio = torch.randn(2, FRAMES, cfg.audio_frames, cfg.num_mel_bins)
-    else:
-        audio = torch.randn(2, FRAMES, cfg.sample_rate) * 0.1
+    audio = random_audio(method, cfg, 2, FRAMES)
     with torch.no_grad():
         maps, a = model.dense_features(frames, audio)
         shapes, audio_dim = model.dense_shapes()
