@@ -46,7 +46,7 @@ class TrainConfig:
     out: str = "runs/avfast"
     task: str = "classify"  # a key of TASKS
     avs_subset: str = "s4"  # task "avs": AVSBench's "s4" or "ms3"
-    val_split: str = "val"  # task "avs": the split validation (and avfast eval) scores
+    val_split: str = "val"  # tasks "avs", "avvp": the split validation (and avfast eval) scores
     val_data: str | None = None
     val_fraction: float = 0.2
     size: str = "base"
@@ -504,7 +504,7 @@ class Trainer:
 
 
 TASKS = {"classify": "avfast.train.loop:Trainer", "avs": "avfast.train.tasks:AVSTrainer",
-         "separation": "avfast.train.tasks:SeparationTrainer"}
+         "separation": "avfast.train.tasks:SeparationTrainer", "avvp": "avfast.train.tasks:AVVPTrainer"}
 
 
 def trainer_class(task: str) -> type[Trainer]:

@@ -1,4 +1,4 @@
-"""The Trainers of the downstream tasks: ``avfast train --task avs|separation`` (the
+"""The Trainers of the downstream tasks: ``avfast train --task avs|separation|avvp`` (the
 classification Trainer with the task's data, model and validation metrics; logs,
 checkpoints, resume, progress and DDP as for classification), and ``localize``:
 sounding-region PNGs of a trained checkpoint (``avfast localize``).
@@ -11,6 +11,7 @@ import os
 import torch
 
 from avfast.tasks import localization
+from avfast.tasks.parsing import LLP_CATEGORIES, SCORES, ParsingMetrics, build_avvp_model, llp_loader, parse, read_llp
 from avfast.tasks.segmentation import (THRESHOLDS, AVSDALILoader, AVSDataset, AVSModel, MaskMetrics, avs_loader,
                                        build_avs_model, read_avsbench)
 from avfast.tasks.separation import SeparationMetrics, build_separation_model, read_music, separate, separation_loader
@@ -18,9 +19,9 @@ from avfast.train.loop import (Trainer, dali_installed, load_manifest, model_fro
                                split_manifest)
 
 
-def _decoder_overrides(overrides: dict) -> dict:
-    """Pop the ``decoder_<field>`` keys of ``overrides``: {field: value}."""
-    return {k.removeprefix("decoder_"): overrides.pop(k) for k in list(overrides) if k.startswith("decoder_")}
+def _decoder_overrides(overrides: dict, prefix: str = "decoder_") -> dict:
+    """Pop the ``<prefix><field>`` keys of ``overrides``: {field: value}."""
+    return {k.removeprefix(prefix): overrides.pop(k) for k in list(overrides) if k.startswith(prefix)}
 
 
 class AVSTrainer(Trainer):
@@ -127,6 +128,52 @@ class SeparationTrainer(Trainer):
     def metrics(self, sums: torch.Tensor) -> dict[str, float]:
         result = SeparationMetrics.from_tensor(sums).compute()
         return {f"val_{k}": v for k, v in result.items() if k != "sources"}
+
+
+class AVVPTrainer(Trainer):
+    """Weakly-supervised audio-visual video parsing on an LLP folder ``cfg.data``: trains on
+    its train split (weak labels), validates on ``cfg.val_split`` ("val" or "test") of
+    ``cfg.val_data`` (default ``cfg.data``) with LLP's per-video F1, reported as
+    ``val_segment_audio`` ... ``val_event_type`` (``avfast.tasks.parsing``); best.pt keeps
+    the best segment-level type@AV. ``cfg.model_overrides`` keys ``parser_<field>`` go to
+    the parser (e.g. parser_width=256), ``smoothing`` to the loss, the rest to the backbone."""
+
+    score_name = "val_segment_type"
+    metric_width = len(SCORES) + 1
+
+    def load_data(self):
+        cfg = self.cfg
+        train = read_llp(cfg.data, "train", bad=self.bad_rows)
+        val = read_llp(cfg.val_data or cfg.data, cfg.val_split, bad=self.bad_rows)
+        self.num_classes = len(LLP_CATEGORIES)
+        return train, val, list(LLP_CATEGORIES)
+
+    @staticmethod
+    def model_for(cfg, num_classes: int):
+        overrides = dict(cfg.model_overrides)
+        parser = _decoder_overrides(overrides, "parser_")
+        smoothing = overrides.pop("smoothing", 0.1)
+        return build_avvp_model(cfg.method, cfg.size, pretrained=cfg.pretrained, parser=parser,
+                                num_classes=num_classes, smoothing=smoothing, **overrides)
+
+    def make_loader(self, videos, *, train: bool):
+        if self.cfg.loader == "dali":
+            raise ValueError("loader: the avvp task reads LLP with the CPU loader; expected 'auto' or 'cpu', got 'dali'")
+        return llp_loader(videos, self.preset, train=train, seed=self.cfg.seed, batch_size=self.cfg.batch_size,
+                          num_workers=self.cfg.workers, shard_id=self.rank, num_shards=self.world,
+                          device=self.device)
+
+    def metric_sums(self, batch: dict, out: dict) -> torch.Tensor:
+        evaluated = batch["evaluated"]
+        audio, visual = parse(out)
+        metrics = ParsingMetrics()
+        metrics.update(audio[evaluated], visual[evaluated], batch["audio_events"][evaluated],
+                       batch["visual_events"][evaluated])
+        return metrics.to_tensor()
+
+    def metrics(self, sums: torch.Tensor) -> dict[str, float]:
+        result = ParsingMetrics.from_tensor(sums).compute()
+        return {f"val_{k}": v for k, v in result.items() if k != "videos"}
 
 
 def localize(checkpoint: str, out: str, *, data: str | None = None, subset: str | None = None,
