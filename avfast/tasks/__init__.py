@@ -5,5 +5,8 @@
                    mIoU and F-score
     separation     mix-and-separate on DeepAVFusion: MUSIC-style solos, a synthetic set,
                    mixtures, the head, mask targets, the inverse STFT, SDR / SIR / SAR
+    parsing        audio-visual video parsing (LLP): the format, a synthetic set, a CPU
+                   dataset, HAN's parser on the per-second methods, the MIL loss, LLP's
+                   segment- and event-level F1
     localization   sounding-region maps (the AVS head's output, Grad-CAM) as PNG overlays
 """
