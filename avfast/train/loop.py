@@ -46,7 +46,7 @@ class TrainConfig:
     out: str = "runs/avfast"
     task: str = "classify"  # a key of TASKS
     avs_subset: str = "s4"  # task "avs": AVSBench's "s4" or "ms3"
-    val_split: str = "val"  # tasks "avs", "avvp": the split validation (and avfast eval) scores
+    val_split: str = "val"  # tasks "avs", "avvp", "avqa": the split validation (and avfast eval) scores
     val_data: str | None = None
     val_fraction: float = 0.2
     size: str = "base"
@@ -122,7 +122,8 @@ def num_classes_of(manifest: Manifest, method: str) -> int:
 class TrainStep(torch.nn.Module):
     """Forward and loss in one module, so that DDP and torch.compile see the whole step
     (parameters used only in the loss, e.g. MA-AVT's projections, included).
-    forward(frames, audio, batch) -> (loss, metrics, outputs)."""
+    forward(frames, audio, batch) -> (loss, metrics, outputs). A model whose forward takes more
+    than frames and audio names those batch entries in ``batch_inputs`` (AVQA: the question)."""
 
     def __init__(self, model, pretrain: bool):
         super().__init__()
@@ -132,7 +133,7 @@ class TrainStep(torch.nn.Module):
         if self.pretrain:
             loss, metrics = self.model.pretrain_loss(frames, audio)
             return loss, metrics, {}
-        out = self.model(frames, audio)
+        out = self.model(frames, audio, *(batch[k] for k in getattr(self.model, "batch_inputs", ())))
         loss, metrics = self.model.loss(out, batch)
         return loss, metrics, out
 
@@ -504,7 +505,8 @@ class Trainer:
 
 
 TASKS = {"classify": "avfast.train.loop:Trainer", "avs": "avfast.train.tasks:AVSTrainer",
-         "separation": "avfast.train.tasks:SeparationTrainer", "avvp": "avfast.train.tasks:AVVPTrainer"}
+         "separation": "avfast.train.tasks:SeparationTrainer", "avvp": "avfast.train.tasks:AVVPTrainer",
+         "avqa": "avfast.train.tasks:AVQATrainer"}
 
 
 def trainer_class(task: str) -> type[Trainer]:

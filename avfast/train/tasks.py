@@ -1,4 +1,4 @@
-"""The Trainers of the downstream tasks: ``avfast train --task avs|separation|avvp`` (the
+"""The Trainers of the downstream tasks: ``avfast train --task avs|separation|avvp|avqa`` (the
 classification Trainer with the task's data, model and validation metrics; logs,
 checkpoints, resume, progress and DDP as for classification), and ``localize``:
 sounding-region PNGs of a trained checkpoint (``avfast localize``).
@@ -6,12 +6,15 @@ sounding-region PNGs of a trained checkpoint (``avfast localize``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
 
 from avfast.tasks import localization
 from avfast.tasks.parsing import LLP_CATEGORIES, SCORES, ParsingMetrics, build_avvp_model, llp_loader, parse, read_llp
+from avfast.tasks.question_answering import (QUESTION_TYPES, QAMetrics, QAVocabulary, avqa_loader,
+                                             build_avqa_model, read_avqa, usable_questions)
 from avfast.tasks.segmentation import (THRESHOLDS, AVSDALILoader, AVSDataset, AVSModel, MaskMetrics, avs_loader,
                                        build_avs_model, read_avsbench)
 from avfast.tasks.separation import SeparationMetrics, build_separation_model, read_music, separate, separation_loader
@@ -174,6 +177,74 @@ class AVVPTrainer(Trainer):
     def metrics(self, sums: torch.Tensor) -> dict[str, float]:
         result = ParsingMetrics.from_tensor(sums).compute()
         return {f"val_{k}": v for k, v in result.items() if k != "videos"}
+
+
+def avqa_file(folder: str, split: str) -> str:
+    """MUSIC-AVQA's question file of ``split`` in ``folder`` (a json path passes through)."""
+    return folder if folder.endswith(".json") else os.path.join(folder, f"avqa-{split}.json")
+
+
+class AVQATrainer(Trainer):
+    """Audio-visual question answering on a MUSIC-AVQA folder ``cfg.data`` (avqa-train.json,
+    avqa-val.json, avqa-test.json, video/): trains on train, validates on ``cfg.val_split``
+    of ``cfg.val_data`` (default ``cfg.data``), reports ``val_accuracy`` and the accuracy per
+    modality and question type. The vocabulary (words, answers, max_words) is built from the
+    training questions and kept in ``cfg.model_overrides``, so a checkpoint reads questions
+    as it was trained; keys ``head_<field>`` go to the head (e.g. head_width=256), the rest
+    to the backbone."""
+
+    score_name = "val_accuracy"
+    metric_width = 2 * len(QUESTION_TYPES)
+
+    def load_data(self):
+        cfg = self.cfg
+        train = read_avqa(avqa_file(cfg.data, "train"), bad=self.bad_rows)
+        val = read_avqa(avqa_file(cfg.val_data or cfg.data, cfg.val_split), bad=self.bad_rows)
+        overrides = dict(cfg.model_overrides)
+        if "words" not in overrides:
+            vocab = QAVocabulary.build(train)
+            overrides.update(words=list(vocab.words), answers=list(vocab.answers), max_words=vocab.max_words)
+            self.cfg = dataclasses.replace(cfg, model_overrides=overrides)
+        vocab = _vocabulary(overrides)
+        self.num_classes = len(vocab.answers)
+        return (usable_questions(train, vocab, self.bad_rows), usable_questions(val, vocab, self.bad_rows),
+                list(vocab.answers))
+
+    @staticmethod
+    def model_for(cfg, num_classes: int):
+        overrides = dict(cfg.model_overrides)
+        vocab = _vocabulary(overrides)
+        for key in ("words", "answers", "max_words"):
+            overrides.pop(key)
+        head = _decoder_overrides(overrides, "head_")
+        return build_avqa_model(cfg.method, vocab, cfg.size, pretrained=cfg.pretrained, head=head, **overrides)
+
+    def make_loader(self, questions, *, train: bool):
+        if self.cfg.loader == "dali":
+            raise ValueError("loader: the avqa task reads videos with the CPU loader; expected 'auto' or 'cpu', "
+                             "got 'dali'")
+        return avqa_loader(questions, _vocabulary(self.cfg.model_overrides), self.preset, train=train,
+                           seed=self.cfg.seed, batch_size=self.cfg.batch_size, num_workers=self.cfg.workers,
+                           shard_id=self.rank, num_shards=self.world, device=self.device)
+
+    def metric_sums(self, batch: dict, out: dict) -> torch.Tensor:
+        metrics = QAMetrics()
+        asked = batch["asked"]
+        metrics.update(out["logits"][asked], batch["answer"][asked], batch["qtype"][asked])
+        return metrics.to_tensor()
+
+    def metrics(self, sums: torch.Tensor) -> dict[str, float]:
+        result = QAMetrics.from_tensor(sums).compute()
+        return {f"val_{k}": v for k, v in result.items() if k != "questions"}
+
+
+def _vocabulary(overrides: dict) -> QAVocabulary:
+    """The QAVocabulary kept in a run's model_overrides."""
+    missing = [k for k in ("words", "answers", "max_words") if k not in overrides]
+    if missing:
+        raise ValueError(f"model_overrides: expected the avqa vocabulary keys words, answers, max_words, "
+                         f"missing {missing}")
+    return QAVocabulary(tuple(overrides["words"]), tuple(overrides["answers"]), int(overrides["max_words"]))
 
 
 def localize(checkpoint: str, out: str, *, data: str | None = None, subset: str | None = None,
