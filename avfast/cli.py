@@ -17,9 +17,10 @@
     avfast train --task avs ...      audio-visual segmentation on an AVSBench root (S4 / MS3)
     avfast train --task separation . mix-and-separate on solo clips (DeepAVFusion; SDR/SIR/SAR)
     avfast train --task avvp ...     audio-visual video parsing on an LLP folder (weak labels)
+    avfast train --task avqa ...     audio-visual question answering on a MUSIC-AVQA folder
     avfast eval --checkpoint C --data D   accuracy (AVS: mIoU, F-score; separation: SDR, SIR, SAR;
-                                     avvp: LLP's segment- and event-level F1)
-    avfast demo [--task avs|separation|avvp]  synthetic clips + a tiny model trained in minutes,
+                                     avvp: LLP's segment- and event-level F1; avqa: accuracy per type)
+    avfast demo [--task avs|separation|avvp|avqa]  synthetic clips + a tiny model trained in minutes,
                                      accuracy vs chance (avs: mIoU on synthetic S4 clips;
                                      separation: SDR gain; avvp: F1 vs the best constant)
     avfast localize --checkpoint C   a PNG of where the sound is in a clip (AVS head or Grad-CAM)
@@ -201,13 +202,14 @@ def _add_train_commands(sub) -> dict[str, argparse.ArgumentParser]:
         p = sub.add_parser(name, help=help_text)
         if name == "train":
             p.add_argument("--method", required=True, choices=METHODS)
-            p.add_argument("--task", choices=("classify", "avs", "separation", "avvp"), default="classify",
+            p.add_argument("--task", choices=("classify", "avs", "separation", "avvp", "avqa"), default="classify",
                            help="classify (default); avs: audio-visual segmentation, --data an AVSBench root; "
                                 "separation: mix-and-separate (deepavfusion), --data solo clips or a MUSIC json; "
-                                "avvp: audio-visual video parsing (dgsct, stgcma), --data an LLP folder")
+                                "avvp: audio-visual video parsing (dgsct, stgcma), --data an LLP folder; "
+                                "avqa: question answering (dgsct, stgcma), --data a MUSIC-AVQA folder")
             p.add_argument("--avs-subset", choices=("s4", "ms3"), default="s4", help="--task avs: S4 or MS3 (s4)")
             p.add_argument("--val-split", choices=("val", "test"), default="val",
-                           help="--task avs, avvp: the split validation scores (val)")
+                           help="--task avs, avvp, avqa: the split validation scores (val)")
         p.add_argument("--data", required=True, help="a folder of clips (root/<class>/<clip>), a prepared "
                        "folder (avfast prepare) or a manifest / VGGSound / AVE / AudioSet annotation file")
         p.add_argument("--val-data", help="validation data (default: a class-stratified split of --data)")
@@ -242,20 +244,21 @@ def _add_train_commands(sub) -> dict[str, argparse.ArgumentParser]:
     p_eval.add_argument("--checkpoint", required=True)
     p_eval.add_argument("--data", required=True)
     p_eval.add_argument("--split", choices=("train", "val", "test"), default="test",
-                        help="an AVS / AVVP checkpoint: the AVSBench / LLP split scored (test)")
+                        help="an AVS / AVVP / AVQA checkpoint: the split scored (test)")
     p_eval.add_argument("--batch-size", type=int, default=8)
     p_eval.add_argument("--workers", type=int, default=4)
     p_eval.add_argument("--device")
     p_demo = sub.add_parser("demo", help="train a tiny model on generated clips and report accuracy")
-    p_demo.add_argument("--task", choices=("classify", "avs", "separation", "avvp"), default="classify",
+    p_demo.add_argument("--task", choices=("classify", "avs", "separation", "avvp", "avqa"), default="classify",
                         help="classify (default); avs: segmentation of synthetic AVSBench S4 clips; separation: "
-                             "mix-and-separate of synthetic solos; avvp: parsing synthetic LLP videos")
-    p_demo.add_argument("--method", choices=METHODS, help="(deepavfusion; avvp: dgsct)")
+                             "mix-and-separate of synthetic solos; avvp: parsing synthetic LLP videos; avqa: "
+                             "templated questions over synthetic videos")
+    p_demo.add_argument("--method", choices=METHODS, help="(deepavfusion; avvp, avqa: dgsct)")
     p_demo.add_argument("--out", help="folder for the clips and the run (default ~/.cache/avfast/demo)")
-    p_demo.add_argument("--epochs", type=int, help="(classify, avs: 6; separation: 4; avvp: 8)")
+    p_demo.add_argument("--epochs", type=int, help="(classify, avs: 6; separation: 4; avvp: 8; avqa: 10)")
     p_demo.add_argument("--clips-per-class", type=int, default=16, help="classify: clips per class (16)")
     p_demo.add_argument("--clips", type=int, help="avs: training clips (48); separation: clips per instrument (8); "
-                        "avvp: training videos (64)")
+                        "avvp: training videos (64); avqa: training videos (96)")
     p_demo.add_argument("--workers", type=int)
     p_demo.add_argument("--seed", type=int, default=0)
     p_loc = sub.add_parser("localize", help="PNG map of where the sound is in a clip, for a trained checkpoint")
@@ -322,11 +325,14 @@ def localize(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from avfast.train.demo import run_avs_demo, run_avvp_demo, run_demo, run_separation_demo
+    from avfast.train.demo import run_avqa_demo, run_avs_demo, run_avvp_demo, run_demo, run_separation_demo
 
-    method = args.method or ("dgsct" if args.task == "avvp" else "deepavfusion")
+    method = args.method or ("dgsct" if args.task in ("avvp", "avqa") else "deepavfusion")
     try:
-        if args.task == "avvp":
+        if args.task == "avqa":
+            run_avqa_demo(method, out=args.out, epochs=args.epochs or 10, clips=args.clips or 96,
+                          workers=args.workers, seed=args.seed)
+        elif args.task == "avvp":
             run_avvp_demo(method, out=args.out, epochs=args.epochs or 8, clips=args.clips or 64,
                           workers=args.workers, seed=args.seed)
         elif args.task == "avs":

@@ -8,5 +8,7 @@
     parsing        audio-visual video parsing (LLP): the format, a synthetic set, a CPU
                    dataset, HAN's parser on the per-second methods, the MIL loss, LLP's
                    segment- and event-level F1
+    question_answering  audio-visual question answering (MUSIC-AVQA): the json, vocabularies,
+                   templated synthetic questions, ST-AVQA's grounding head, accuracy per type
     localization   sounding-region maps (the AVS head's output, Grad-CAM) as PNG overlays
 """

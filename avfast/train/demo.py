@@ -165,10 +165,10 @@ def run_avvp_demo(method: str = "dgsct", *, out: str | None = None, epochs: int 
     return result
 
 
-def run_avqa_demo(method: str = "dgsct", *, out: str | None = None, epochs: int = 8, clips: int = 48,
-                  batch_size: int = 16, workers: int | None = None, seed: int = 0,
+def run_avqa_demo(method: str = "dgsct", *, out: str | None = None, epochs: int = 10, clips: int = 96,
+                  batch_size: int = 8, workers: int | None = None, seed: int = 0,
                   progress: bool = True) -> dict[str, float]:
-    """Make a synthetic MUSIC-AVQA folder (``clips`` training videos, 12 val, 12 test; a few
+    """Make a synthetic MUSIC-AVQA folder (``clips`` training videos, 12 val, 12 test; 2-7
     templated questions each), train a tiny ``method`` QA model, print and return the
     validation accuracy per question type next to the majority answer's (``majority`` and
     ``type_majority`` keys in the result)."""
