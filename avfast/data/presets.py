@@ -116,3 +116,10 @@ def get_preset(name: str | Preset) -> Preset:
     if name not in PRESETS:
         raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {name!r}")
     return PRESETS[name]
+
+
+def check_per_second(preset: Preset, seconds: int) -> None:
+    """Raise unless ``preset`` reads ``seconds`` frames and ``seconds`` one-per-second windows."""
+    if preset.video.frames != seconds or preset.audio.segments != seconds:
+        raise ValueError(f"preset: expected a per-second preset ({seconds} frames, {seconds} windows), got "
+                         f"{preset.name!r} ({preset.video.frames} frames, {preset.audio.segments} windows)")

@@ -59,7 +59,8 @@ import torch
 from torch import Tensor, nn
 
 from avfast.data.manifest import BadRow, Clip, Manifest, report_bad_row
-from avfast.data.presets import Preset, get_preset
+from avfast.data.presets import Preset, check_per_second, get_preset
+from avfast.models.base import freeze
 
 LLP_CATEGORIES = (
     "Speech", "Car", "Cheering", "Dog", "Cat", "Frying_(food)", "Basketball_bounce", "Fire_alarm", "Chainsaw",
@@ -229,10 +230,7 @@ class LLPDataset(torch.utils.data.Dataset):
         if not videos:
             raise ValueError("videos: expected at least one LLPVideo, got none")
         self.preset = get_preset(preset)
-        if self.preset.video.frames != SECONDS or self.preset.audio.segments != SECONDS:
-            raise ValueError(f"preset: expected a per-second preset ({SECONDS} frames, {SECONDS} windows), got "
-                             f"{self.preset.name!r} ({self.preset.video.frames} frames, "
-                             f"{self.preset.audio.segments} windows)")
+        check_per_second(self.preset, SECONDS)
         self.videos, self.categories = list(videos), list(categories)
         self.clips = ClipDataset(llp_manifest(self.videos, self.categories), self.preset, train=train, seed=seed)
 
@@ -546,8 +544,7 @@ class AVVPModel(nn.Module):
         self.method, self.backbone, self.smoothing = method, backbone, float(smoothing)
         self.preset, self.config = backbone.preset, backbone.config
         for name in backbone.dense_unused:
-            for p in backbone.get_submodule(name).parameters():
-                p.requires_grad_(False)
+            freeze(backbone.get_submodule(name))
         levels, audio_dim = backbone.dense_shapes()
         self.parser = AVParser(audio_dim, sum(c for c, _ in levels), num_classes, **parser_kwargs)
 

@@ -31,6 +31,7 @@ here). Accuracy: correct / questions, overall, per modality and per type.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -42,7 +43,8 @@ import torch
 from torch import Tensor, nn
 
 from avfast.data.manifest import BadRow, Clip, Manifest, report_bad_row
-from avfast.data.presets import Preset, get_preset
+from avfast.data.presets import Preset, check_per_second, get_preset
+from avfast.models.base import freeze
 
 MODALITIES = ("Audio", "Visual", "Audio-Visual")
 KINDS = ("Counting", "Comparative", "Location", "Existential", "Temporal")
@@ -175,13 +177,16 @@ class QAVocabulary:
         return cls((PAD, UNKNOWN, *words), tuple(sorted({q.answer for q in questions})),
                    max(len(q.words) for q in questions))
 
+    @functools.cached_property
+    def _index(self) -> dict[str, int]:
+        return {w: i for i, w in enumerate(self.words)}
+
     def encode(self, words: tuple[str, ...]) -> Tensor:
         """int64 (max_words,): word indices, padded with 0."""
         if len(words) > self.max_words:
             raise ValueError(f"words: expected at most {self.max_words} words (the longest training question), "
                              f"got {len(words)}: {' '.join(words)!r}")
-        index = {w: i for i, w in enumerate(self.words)}
-        ids = [index.get(w, 1) for w in words]
+        ids = [self._index.get(w, 1) for w in words]
         return torch.tensor(ids + [0] * (self.max_words - len(ids)), dtype=torch.long)
 
 
@@ -223,10 +228,7 @@ class AVQADataset(torch.utils.data.Dataset):
         if not questions:
             raise ValueError("questions: expected at least one AVQAQuestion, got none")
         self.preset = get_preset(preset)
-        if self.preset.video.frames != SECONDS or self.preset.audio.segments != SECONDS:
-            raise ValueError(f"preset: expected a per-second preset ({SECONDS} frames, {SECONDS} windows), got "
-                             f"{self.preset.name!r} ({self.preset.video.frames} frames, "
-                             f"{self.preset.audio.segments} windows)")
+        check_per_second(self.preset, SECONDS)
         self.vocab = vocab
         self.videos: dict[str, list[AVQAQuestion]] = {}
         for q in usable_questions(questions, vocab):
@@ -432,8 +434,7 @@ class AVQAModel(nn.Module):
         self.method, self.backbone = method, backbone
         self.preset, self.config = backbone.preset, backbone.config
         for name in backbone.dense_unused:
-            for p in backbone.get_submodule(name).parameters():
-                p.requires_grad_(False)
+            freeze(backbone.get_submodule(name))
         levels, audio_dim = backbone.dense_shapes()
         deepest = min(reversed(levels), key=lambda level: level[1][0] * level[1][1])
         self.head = GroundedQAHead(vocabulary, answers, audio_dim, deepest[0], **head_kwargs)

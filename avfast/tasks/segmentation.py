@@ -49,6 +49,7 @@ from avfast.data.manifest import BadRow, report_bad_row
 from avfast.data.presets import Preset, get_preset
 from avfast.data.synthetic import class_colour, class_frequency, tone
 from avfast.data.transforms import audio_features, crop_resize_frames, gather_windows, normalize_frames
+from avfast.models.base import freeze
 from avfast.nn.decoders import DECODER_SIZES, GuidedDecoder
 
 IOU_EPS = 1e-7  # AVSBench's eps in inter / (union + eps)
@@ -589,8 +590,7 @@ class AVSModel(nn.Module):
         self.preset = backbone.preset
         self.config = backbone.config
         for name in backbone.dense_unused:
-            for p in backbone.get_submodule(name).parameters():
-                p.requires_grad_(False)
+            freeze(backbone.get_submodule(name))
         levels, audio_dim = backbone.dense_shapes()
         self.decoder = GuidedDecoder(levels, audio_dim, backbone.config.img_size, **decoder_kwargs)
 
