@@ -18,8 +18,12 @@
     avfast train --task separation . mix-and-separate on solo clips (DeepAVFusion; SDR/SIR/SAR)
     avfast train --task avvp ...     audio-visual video parsing on an LLP folder (weak labels)
     avfast train --task avqa ...     audio-visual question answering on a MUSIC-AVQA folder
+    avfast train --task text ...     classification by similarity to class prompts of CLIP / CLAP
+                                     text towers (--text-weights; --shots K: few-shot)
     avfast eval --checkpoint C --data D   accuracy (AVS: mIoU, F-score; separation: SDR, SIR, SAR;
                                      avvp: LLP's segment- and event-level F1; avqa: accuracy per type)
+    avfast eval --zero-shot ...      a --task text checkpoint on data of other classes (their prompts);
+                                     --shots K: a k-shot linear probe on its embeddings
     avfast demo [--task avs|separation|avvp|avqa]  synthetic clips + a tiny model trained in minutes,
                                      accuracy vs chance (avs: mIoU on synthetic S4 clips;
                                      separation: SDR gain; avvp: F1 vs the best constant)
@@ -202,14 +206,20 @@ def _add_train_commands(sub) -> dict[str, argparse.ArgumentParser]:
         p = sub.add_parser(name, help=help_text)
         if name == "train":
             p.add_argument("--method", required=True, choices=METHODS)
-            p.add_argument("--task", choices=("classify", "avs", "separation", "avvp", "avqa"), default="classify",
+            p.add_argument("--task", choices=("classify", "avs", "separation", "avvp", "avqa", "text"),
+                           default="classify",
                            help="classify (default); avs: audio-visual segmentation, --data an AVSBench root; "
                                 "separation: mix-and-separate (deepavfusion), --data solo clips or a MUSIC json; "
                                 "avvp: audio-visual video parsing (dgsct, stgcma), --data an LLP folder; "
-                                "avqa: question answering (dgsct, stgcma), --data a MUSIC-AVQA folder")
+                                "avqa: question answering (dgsct, stgcma), --data a MUSIC-AVQA folder; "
+                                "text: classification by class prompts of text towers (dgsct, stgcma)")
             p.add_argument("--avs-subset", choices=("s4", "ms3"), default="s4", help="--task avs: S4 or MS3 (s4)")
             p.add_argument("--val-split", choices=("val", "test"), default="val",
                            help="--task avs, avvp, avqa: the split validation scores (val)")
+            p.add_argument("--text-weights", action="append", default=[], metavar="KIND[:MODEL]=PATH",
+                           help="--task text: a local text tower, clip[:MODEL]=FILE (open_clip, model "
+                                "ViT-B-16 by default) and/or clap=FOLDER (transformers ClapModel.save_pretrained)")
+            p.add_argument("--shots", type=int, help="--task text: train on this many clips per class (few-shot)")
         p.add_argument("--data", required=True, help="a folder of clips (root/<class>/<clip>), a prepared "
                        "folder (avfast prepare) or a manifest / VGGSound / AVE / AudioSet annotation file")
         p.add_argument("--val-data", help="validation data (default: a class-stratified split of --data)")
@@ -245,6 +255,12 @@ def _add_train_commands(sub) -> dict[str, argparse.ArgumentParser]:
     p_eval.add_argument("--data", required=True)
     p_eval.add_argument("--split", choices=("train", "val", "test"), default="test",
                         help="an AVS / AVVP / AVQA checkpoint: the split scored (test)")
+    p_eval.add_argument("--zero-shot", action="store_true",
+                        help="a --task text checkpoint: score --data's own classes by their prompts")
+    p_eval.add_argument("--shots", type=int, help="a --task text checkpoint: a k-shot linear probe on its "
+                        "embeddings of --data (K clips per class fit it, the others score it)")
+    p_eval.add_argument("--text-weights", action="append", metavar="KIND[:MODEL]=PATH",
+                        help="--zero-shot: the text towers (default: the run's)")
     p_eval.add_argument("--batch-size", type=int, default=8)
     p_eval.add_argument("--workers", type=int, default=4)
     p_eval.add_argument("--device")
@@ -279,7 +295,8 @@ def train(args: argparse.Namespace) -> int:
 
     method = "deepavfusion" if args.command == "pretrain" else args.method
     task = getattr(args, "task", "classify")
-    extra = dict(task=task, avs_subset=args.avs_subset, val_split=args.val_split) if args.command == "train" else {}
+    extra = dict(task=task, avs_subset=args.avs_subset, val_split=args.val_split, text_weights=args.text_weights,
+                 shots=args.shots) if args.command == "train" else {}
     cfg = TrainConfig(method=method, data=args.data, **extra, val_data=args.val_data, val_fraction=args.val_fraction,
                       out=args.out or os.path.join("runs", method + ("-pretrain" if args.command == "pretrain" else
                                                                     "" if task == "classify" else "-" + task)),
@@ -301,14 +318,23 @@ def train(args: argparse.Namespace) -> int:
 
 def evaluate(args: argparse.Namespace) -> int:
     from avfast.train.loop import checkpoint_evaluator
+    from avfast.train.tasks import text_evaluator
 
+    text = args.zero_shot or args.shots is not None
+    if args.text_weights and not args.zero_shot:
+        raise UsageError("--text-weights: expected with --zero-shot (other classes' prompts), got it without")
     try:
-        trainer = checkpoint_evaluator(args.checkpoint, args.data, batch_size=args.batch_size,
-                                       workers=args.workers, device=args.device, split=args.split)
+        if text:
+            trainer = text_evaluator(args.checkpoint, args.data, zero_shot=args.zero_shot,
+                                     text_weights=args.text_weights, batch_size=args.batch_size,
+                                     workers=args.workers, device=args.device)
+        else:
+            trainer = checkpoint_evaluator(args.checkpoint, args.data, batch_size=args.batch_size,
+                                           workers=args.workers, device=args.device, split=args.split)
+        result = trainer.evaluate() if args.shots is None else trainer.few_shot_probe(args.shots, trainer.cfg.seed)
     except (ValueError, FileNotFoundError) as err:
         raise UsageError(str(err)) from err
-    result = trainer.evaluate()
-    print(" ".join(f"{k}={v:.4f}" for k, v in result.items()))
+    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
     return 0
 
 

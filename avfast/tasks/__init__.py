@@ -10,5 +10,7 @@
                    segment- and event-level F1
     question_answering  audio-visual question answering (MUSIC-AVQA): the json, vocabularies,
                    templated synthetic questions, ST-AVQA's grounding head, accuracy per type
+    text_classification  few- and zero-shot classification by class prompts of CLIP / CLAP
+                   text towers (local weights), DG-SCT's two branches, k-shot linear probes
     localization   sounding-region maps (the AVS head's output, Grad-CAM) as PNG overlays
 """

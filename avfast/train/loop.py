@@ -70,6 +70,8 @@ class TrainConfig:
     progress: bool = True
     device: str | None = None
     num_classes: int | None = None
+    text_weights: list[str] = dataclasses.field(default_factory=list)  # task "text": KIND[:MODEL]=PATH towers
+    shots: int | None = None  # task "text": train on this many clips per class (few-shot)
     model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -506,7 +508,7 @@ class Trainer:
 
 TASKS = {"classify": "avfast.train.loop:Trainer", "avs": "avfast.train.tasks:AVSTrainer",
          "separation": "avfast.train.tasks:SeparationTrainer", "avvp": "avfast.train.tasks:AVVPTrainer",
-         "avqa": "avfast.train.tasks:AVQATrainer"}
+         "avqa": "avfast.train.tasks:AVQATrainer", "text": "avfast.train.tasks:TextTrainer"}
 
 
 def trainer_class(task: str) -> type[Trainer]:

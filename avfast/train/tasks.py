@@ -1,4 +1,4 @@
-"""The Trainers of the downstream tasks: ``avfast train --task avs|separation|avvp|avqa`` (the
+"""The Trainers of the downstream tasks: ``avfast train --task avs|separation|avvp|avqa|text`` (the
 classification Trainer with the task's data, model and validation metrics; logs,
 checkpoints, resume, progress and DDP as for classification), and ``localize``:
 sounding-region PNGs of a trained checkpoint (``avfast localize``).
@@ -18,7 +18,11 @@ from avfast.tasks.question_answering import (QUESTION_TYPES, QAMetrics, QAVocabu
 from avfast.tasks.segmentation import (THRESHOLDS, AVSDALILoader, AVSDataset, AVSModel, MaskMetrics, avs_loader,
                                        build_avs_model, read_avsbench)
 from avfast.tasks.separation import SeparationMetrics, build_separation_model, read_music, separate, separation_loader
-from avfast.train.loop import (Trainer, dali_installed, load_manifest, model_from_checkpoint, model_preset,
+from avfast.tasks.text_classification import (HEAD_KEYS, TOWER_KINDS, build_text_classifier, class_embeddings,
+                                              few_shot, few_shot_indices, linear_probe, load_text_tower,
+                                              parse_tower_specs, probe_accuracy)
+from avfast.train.checkpoint import load_checkpoint
+from avfast.train.loop import (TrainConfig, Trainer, dali_installed, load_manifest, model_from_checkpoint, model_preset,
                                split_manifest)
 
 
@@ -245,6 +249,106 @@ def _vocabulary(overrides: dict) -> QAVocabulary:
         raise ValueError(f"model_overrides: expected the avqa vocabulary keys words, answers, max_words, "
                          f"missing {missing}")
     return QAVocabulary(tuple(overrides["words"]), tuple(overrides["answers"]), int(overrides["max_words"]))
+
+
+class TextTrainer(Trainer):
+    """Classification by similarity to class prompts (``avfast.tasks.text_classification``)
+    on a folder of clips or a manifest, as for classification: the class names become the
+    prompts of the towers ``cfg.text_weights`` (embedded once); ``cfg.shots``: train on that
+    many clips per class (few-shot). The towers' widths and scales go to
+    ``cfg.model_overrides`` and the class embeddings to the checkpoint, so scoring the
+    training classes again needs no tower. Override ``visual_weight`` (0.5) mixes the branches."""
+
+    def load_data(self):
+        train, val, classes = super().load_data()
+        self.num_classes = len(classes)
+        if self.cfg.shots:
+            train, _ = few_shot(train, self.cfg.shots, self.cfg.seed)
+        self.towers = {}
+        overrides = dict(self.cfg.model_overrides)
+        if "text_dims" not in overrides:
+            specs = parse_tower_specs(self.cfg.text_weights)
+            self.towers = {kind: load_text_tower(spec) for kind, spec in specs.items()}
+            overrides.update(text_dims={k: t.embed_dim for k, t in self.towers.items()},
+                             text_scales={k: t.logit_scale for k, t in self.towers.items()})
+            self.cfg = dataclasses.replace(self.cfg, model_overrides=overrides)
+        return train, val, classes
+
+    @staticmethod
+    def model_for(cfg, num_classes: int):
+        overrides = dict(cfg.model_overrides)
+        head = {k: overrides.pop(k) for k in HEAD_KEYS if k in overrides}
+        if "text_dims" not in head:
+            raise ValueError("model_overrides: expected 'text_dims' (set from --text-weights), got none")
+        return build_text_classifier(cfg.method, cfg.size, num_classes, pretrained=cfg.pretrained, **head, **overrides)
+
+    def build_model(self):
+        model = self.model_for(self.cfg, self.num_classes)
+        if self.towers:
+            model.head.set_classes(class_embeddings(self.towers, self.classes))
+        return model
+
+    @torch.no_grad()
+    def embeddings(self, loader=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(embeddings (N, sum E): each tower's projected embedding, concatenated; labels (N,);
+        logits (N, C)) of the clips of ``loader`` (default the validation loader)."""
+        self.model.eval()
+        feats, labels, logits = [], [], []
+        for batch in loader or self.val_loader:
+            with self.autocast():
+                out = self.model(batch["frames"], batch["audio"])
+            feats.append(torch.cat([out["embeddings"][k].float() for k in self.model.head.kinds], dim=-1).cpu())
+            logits.append(out["logits"].float().cpu())
+            labels.append(batch["label"].cpu())
+        return torch.cat(feats), torch.cat(labels), torch.cat(logits)
+
+    def few_shot_probe(self, shots: int, seed: int = 0) -> dict[str, float]:
+        """A k-shot linear probe on the validation clips' embeddings: ``shots`` clips per
+        class fit it, the others score it (probe_accuracy) and the prompt logits alike
+        (prompt_accuracy, the same clips)."""
+        x, y, logits = self.embeddings()
+        chosen, rest = few_shot_indices(y.tolist(), shots, seed, self.classes)
+        if not rest:
+            raise ValueError(f"shots: expected clips left to score after {shots} per class, got none of {len(y)}")
+        probe = linear_probe(x[chosen], y[chosen], len(self.classes))
+        return {"probe_accuracy": probe_accuracy(probe, x[rest], y[rest]),
+                "prompt_accuracy": float((logits[rest].argmax(-1) == y[rest]).float().mean()),
+                "shots": shots, "probe_clips": len(chosen), "scored_clips": len(rest)}
+
+
+def text_evaluator(path: str, data: str, *, zero_shot: bool = False, text_weights: list[str] | None = None,
+                   batch_size: int = 8, workers: int = 4, device: str | None = None) -> TextTrainer:
+    """A TextTrainer holding a ``--task text`` checkpoint, scoring all of ``data``. With
+    ``zero_shot`` the classes are ``data``'s own (any names): their prompts are embedded by
+    ``text_weights`` (default: the run's towers), which must match the checkpoint's widths;
+    otherwise ``data`` must hold the checkpoint's classes and no tower is loaded."""
+    ckpt = load_checkpoint(path)
+    config = ckpt["config"]
+    if config.get("task") != "text":
+        raise ValueError(f"checkpoint: expected a --task text checkpoint, got task {config.get('task')!r} ({path})")
+    overrides = dict(config["model_overrides"])
+    dims = overrides["text_dims"]
+    if zero_shot:
+        overrides.pop("text_dims"), overrides.pop("text_scales", None)
+    cfg = TrainConfig(**{**config, "data": data, "val_data": data, "batch_size": batch_size, "workers": workers,
+                         "device": device, "resume": False, "pretrained": None, "shots": None, "num_classes": None,
+                         "out": str(os.path.dirname(os.path.abspath(path))), "model_overrides": overrides,
+                         "text_weights": list(text_weights or config.get("text_weights") or [])})
+    trainer = TextTrainer(cfg)
+    state = dict(ckpt["model"])
+    if zero_shot:
+        got = trainer.cfg.model_overrides["text_dims"]
+        if got != dims:
+            raise ValueError(f"text_weights: expected towers of the checkpoint's widths {dims}, got {got}")
+        for kind in TOWER_KINDS:
+            state.pop(f"head.{kind}_classes", None), state.pop(f"head.{kind}_scale", None)
+    elif trainer.classes != ckpt["classes"]:
+        raise ValueError(f"data: expected the checkpoint's classes {ckpt['classes'][:5]}..., got "
+                         f"{trainer.classes[:5]}... from {data!r} (--zero-shot scores other classes)")
+    missing, unexpected = trainer.model.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("head.") or k.count(".") != 1 for k in missing):
+        raise ValueError(f"checkpoint: expected the model's weights, got missing {missing}, unexpected {unexpected}")
+    return trainer
 
 
 def localize(checkpoint: str, out: str, *, data: str | None = None, subset: str | None = None,
