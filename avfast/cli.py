@@ -274,7 +274,7 @@ def _add_train_commands(sub) -> dict[str, argparse.ArgumentParser]:
     p_demo.add_argument("--epochs", type=int, help="(classify, avs: 6; separation: 4; avvp: 8; avqa: 10)")
     p_demo.add_argument("--clips-per-class", type=int, default=16, help="classify: clips per class (16)")
     p_demo.add_argument("--clips", type=int, help="avs: training clips (48); separation: clips per instrument (8); "
-                        "avvp: training videos (64); avqa: training videos (96)")
+                        "avvp: training videos (64); avqa: training videos (192)")
     p_demo.add_argument("--workers", type=int)
     p_demo.add_argument("--seed", type=int, default=0)
     p_loc = sub.add_parser("localize", help="PNG map of where the sound is in a clip, for a trained checkpoint")
@@ -356,7 +356,7 @@ def demo(args: argparse.Namespace) -> int:
     method = args.method or ("dgsct" if args.task in ("avvp", "avqa") else "deepavfusion")
     try:
         if args.task == "avqa":
-            run_avqa_demo(method, out=args.out, epochs=args.epochs or 10, clips=args.clips or 96,
+            run_avqa_demo(method, out=args.out, epochs=args.epochs or 10, clips=args.clips or 192,
                           workers=args.workers, seed=args.seed)
         elif args.task == "avvp":
             run_avvp_demo(method, out=args.out, epochs=args.epochs or 8, clips=args.clips or 64,

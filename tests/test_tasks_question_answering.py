@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from avfast.tasks.question_answering import (QUESTION_TYPES, QAMetrics, QAVocabulary, answer_baselines,
-                                             build_avqa_model, make_avqa, question_words, read_avqa,
-                                             usable_questions)
+                                             build_avqa_model, grounding_level, make_avqa, question_words,
+                                             read_avqa, usable_questions)
 from seeding import fresh_seed, random_audio
 
 
@@ -103,11 +103,28 @@ def test_answer_baselines_by_hand(avqa):
     assert answer_baselines(train, asked) == {"majority": 1 / 3, "type_majority": 2 / 3}
 
 
+def test_grounding_level_is_the_deepest_map_with_enough_cells(avqa):
+    swin = [(1, 1), (2, 2), (4, 4), (8, 8)]  # DG-SCT: deepest first
+    assert [grounding_level(swin, n) for n in (1, 2, 4, 16, 17, 64, 65)] == [0, 1, 1, 2, 3, 3, 3]
+    assert grounding_level(list(reversed(swin)), 4) == 2
+    assert grounding_level([(4, 4)] * 4, 1) == grounding_level([(4, 4)] * 4, 64) == 3  # equal maps: the last
+    vocab = QAVocabulary.build(read_avqa(avqa / "avqa-train.json"))
+    model = build_avqa_model("dgsct", vocab, "tiny")
+    levels, _ = model.backbone.dense_shapes()
+    assert levels[model.level][1] == (4, 4) and model.head.visual_proj.in_features == levels[model.level][0]
+    assert build_avqa_model("dgsct", vocab, "tiny", min_cells=1).level == 0
+    question = torch.randint(1, len(vocab.words), (2, 3, vocab.max_words))
+    out = model(torch.randn(2, 10, 3, 32, 32), random_audio("dgsct", model.config, 2, 10), question)
+    assert out["logits"].shape == (2, 3, len(vocab.answers))
+    with pytest.raises(ValueError, match="min_cells: expected an integer >= 1, got 0"):
+        build_avqa_model("dgsct", vocab, "tiny", min_cells=0)
+
+
 @pytest.mark.parametrize("method", ["dgsct", "stgcma"])
 def test_avqa_model_forward_backward_at_tiny_size(method, avqa):
     fresh_seed()
     vocab = QAVocabulary.build(read_avqa(avqa / "avqa-train.json"))
-    model = build_avqa_model(method, vocab, "tiny")
+    model = build_avqa_model(method, vocab, "tiny", min_cells=1)  # the deepest map: every adapter has a gradient
     cfg = model.config
     question = torch.randint(0, len(vocab.words), (2, 3, vocab.max_words))
     question[:, :, 0] = 2  # every question has a first word
@@ -140,6 +157,7 @@ def test_avqa_demo_beats_the_majority_answer_by_15_points(tmp_path, capsys):
     data = next(tmp_path.glob("avqa-*"))
     baselines = answer_baselines(read_avqa(data / "avqa-train.json"), read_avqa(data / "avqa-val.json"))
     assert epochs[-1]["val_accuracy"] >= baselines["majority"] + 0.15
+    assert epochs[-1]["val_accuracy"] > baselines["type_majority"]  # more than the question type's prior
     assert main(["eval", "--checkpoint", str(tmp_path / "run-avqa-dgsct" / "best.pt"), "--data", str(data),
                  "--split", "test", "--workers", "0"]) == 0
     assert "val_accuracy=" in capsys.readouterr().out

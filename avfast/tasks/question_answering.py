@@ -19,7 +19,8 @@ Question types: the modality ("Audio", "Visual", "Audio-Visual") x the kind ("Co
 Head (ST-AVQA's, Li et al. CVPR 2022, on a method's per-second features): the question's
 words (lower-cased, the placeholders filled) through an embedding and an LSTM, tanh of a
 linear map of its last (h, c) -> q. Per second, the audio vector is projected to a and the
-deepest visual map's cells to v; spatial grounding: a attends over that second's cells
+cells of the deepest visual map with at least ``min_cells`` cells (``grounding_level``) to v;
+spatial grounding: a attends over that second's cells
 (scaled dot product) and the attended cell feature is merged with the cells' mean (tanh of
 a linear map). Temporal grounding: q attends over the seconds of a and of the grounded v
 (multi-head attention, residual feed-forward). Fusion: tanh of a linear map of the two
@@ -409,15 +410,20 @@ class GroundedQAHead(nn.Module):
         return self.answer(torch.tanh(fused * q))
 
 
-def deepest_map(maps: list[Tensor]) -> Tensor:
-    """The map of ``dense_features`` with the fewest cells (the last of equals): the deepest
-    level whichever order a method lists them in."""
-    return min(reversed(maps), key=lambda m: m.shape[2] * m.shape[3])
+def grounding_level(grids: list[tuple[int, int]], min_cells: int = 1) -> int:
+    """The index of the map that spatial grounding uses, given the maps' (h, w): the one with
+    the fewest cells among those with at least ``min_cells`` (the finest when none has that
+    many; the last of equals): the deepest level with enough cells, whichever order a method
+    lists its levels in."""
+    cells = [h * w for h, w in grids]
+    enough = [i for i, n in enumerate(cells) if n >= min_cells] or [max(reversed(range(len(cells))),
+                                                                        key=cells.__getitem__)]
+    return min(reversed(enough), key=cells.__getitem__)
 
 
 class AVQAModel(nn.Module):
     """A per-second method's backbone (``dense_features``: per second its audio vector and
-    its deepest visual map) and a ``GroundedQAHead``. forward(frames (B, 10, 3, S, S), audio
+    its deepest visual map of >= ``min_cells`` cells) and a ``GroundedQAHead``. forward(frames (B, 10, 3, S, S), audio
     (B, 10, *features), question (B, Q, L): Q questions per video, each video encoded once)
     -> {"logits": (B, Q, answers)}; ``loss`` is cross-entropy over the asked questions
     (``batch["answer"]`` (B, Q), ``batch["asked"]`` (B, Q)). The backbone's unused heads
@@ -425,7 +431,8 @@ class AVQAModel(nn.Module):
 
     batch_inputs = ("question",)  # what the Trainer passes after frames and audio
 
-    def __init__(self, method: str, backbone: nn.Module, vocabulary: int, answers: int, **head_kwargs):
+    def __init__(self, method: str, backbone: nn.Module, vocabulary: int, answers: int, *, min_cells: int = 1,
+                 **head_kwargs):
         super().__init__()
         if method not in QA_METHODS:
             raise ValueError(f"method: expected one of {QA_METHODS} (per-second methods), got {method!r}")
@@ -435,9 +442,11 @@ class AVQAModel(nn.Module):
         self.preset, self.config = backbone.preset, backbone.config
         for name in backbone.dense_unused:
             freeze(backbone.get_submodule(name))
+        if isinstance(min_cells, bool) or not isinstance(min_cells, int) or min_cells < 1:
+            raise ValueError(f"min_cells: expected an integer >= 1, got {min_cells!r}")
         levels, audio_dim = backbone.dense_shapes()
-        deepest = min(reversed(levels), key=lambda level: level[1][0] * level[1][1])
-        self.head = GroundedQAHead(vocabulary, answers, audio_dim, deepest[0], **head_kwargs)
+        self.level = grounding_level([grid for _, grid in levels], min_cells)
+        self.head = GroundedQAHead(vocabulary, answers, audio_dim, levels[self.level][0], **head_kwargs)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -449,7 +458,7 @@ class AVQAModel(nn.Module):
         maps, a = self.backbone.dense_features(frames, audio)
         B, Q = question.shape[:2]
         a = a.float().unflatten(0, (B, -1))
-        cells = deepest_map(maps).float().unflatten(0, (B, -1))
+        cells = maps[self.level].float().unflatten(0, (B, -1))
         per_question = lambda x: x[:, None].expand(B, Q, *x.shape[1:]).flatten(0, 1)  # noqa: E731
         logits = self.head(question.flatten(0, 1), per_question(a), per_question(cells))
         return {"logits": logits.unflatten(0, (B, Q))}
@@ -461,19 +470,22 @@ class AVQAModel(nn.Module):
 
 
 HEAD_SIZES = {"tiny": dict(width=64, heads=2)}  # ST-AVQA's 512 otherwise
+MIN_CELLS = {"tiny": 16}  # a tiny backbone's deepest map is 1 x 1: ground on a 4 x 4 one
 
 
 def build_avqa_model(method: str, vocab: QAVocabulary, size: str = "base", pretrained: str | None = None,
-                     head: dict | None = None, **overrides) -> AVQAModel:
+                     head: dict | None = None, min_cells: int | None = None, **overrides) -> AVQAModel:
     """An ``AVQAModel`` for ``vocab``: ``method``'s backbone at ``size`` (``overrides``;
-    ``pretrained``: a local upstream checkpoint) and a head of ``HEAD_SIZES[size]`` (or
-    ST-AVQA's sizes) updated by ``head``."""
+    ``pretrained``: a local upstream checkpoint), a head of ``HEAD_SIZES[size]`` (or
+    ST-AVQA's sizes) updated by ``head``, grounding on the deepest map of at least
+    ``min_cells`` cells (default ``MIN_CELLS[size]``, else 1: the deepest)."""
     from avfast.models import build_model
 
     if method not in QA_METHODS:
         raise ValueError(f"method: expected one of {QA_METHODS} (per-second methods), got {method!r}")
     backbone = build_model(method, size, num_classes=2, pretrained=pretrained, **overrides)
     return AVQAModel(method, backbone, len(vocab.words), len(vocab.answers),
+                     min_cells=MIN_CELLS.get(size, 1) if min_cells is None else min_cells,
                      **{**HEAD_SIZES.get(size, {}), **(head or {})})
 
 

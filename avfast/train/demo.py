@@ -165,10 +165,10 @@ def run_avvp_demo(method: str = "dgsct", *, out: str | None = None, epochs: int 
     return result
 
 
-def run_avqa_demo(method: str = "dgsct", *, out: str | None = None, epochs: int = 10, clips: int = 96,
+def run_avqa_demo(method: str = "dgsct", *, out: str | None = None, epochs: int = 10, clips: int = 192,
                   batch_size: int = 8, workers: int | None = None, seed: int = 0,
                   progress: bool = True) -> dict[str, float]:
-    """Make a synthetic MUSIC-AVQA folder (``clips`` training videos, 12 val, 12 test; 2-7
+    """Make a synthetic MUSIC-AVQA folder (``clips`` training videos, 36 val, 12 test; 2-7
     templated questions each), train a tiny ``method`` QA model, print and return the
     validation accuracy per question type next to the majority answer's (``majority`` and
     ``type_majority`` keys in the result)."""
@@ -181,7 +181,7 @@ def run_avqa_demo(method: str = "dgsct", *, out: str | None = None, epochs: int 
     folder = root / f"avqa-{clips}-seed{seed}"
     done = folder / ".complete"
     if not done.exists():
-        make_avqa(folder, videos={"train": clips, "val": 12, "test": 12}, seed=seed)
+        make_avqa(folder, videos={"train": clips, "val": 36, "test": 12}, seed=seed)
         done.touch()
     train, val = read_avqa(folder / "avqa-train.json"), read_avqa(folder / "avqa-val.json")
     print(f"data: {clips} synthetic 10-s videos, {len(train)} training questions in {folder} "
